@@ -1,0 +1,51 @@
+"""Plain-torch reference of every kernel op: the spec, the test oracle, the benchmark baseline, the CPU path.
+
+Paged KV cache layout (shared with the Triton kernels):
+    k_cache, v_cache: [NB, BS, KVH, D]; token slot s lives at block s // BS, row s % BS.
+A sequence's block table lists its blocks in order, so its token i sits in slot
+block_table[i // BS] * BS + i % BS.
+"""
+import torch
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' K/V ([T, KVH, D]) into their cache slots ([T] int64)."""
+    NB, BS, KVH, D = k_cache.shape
+    k_cache.view(NB * BS, KVH, D)[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(NB * BS, KVH, D)[slot_mapping] = v.to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of a ragged batch of new queries against each sequence's paged context.
+
+    q: [T, H, D], the new tokens of B sequences packed back to back (cu_seqlens_q: [B+1]).
+    Sequence b has context_lens[b] tokens in the cache, its new tokens being the last ones,
+    so its query i sits at position context_lens[b] - L_b + i. Decode is the case L_b = 1.
+    A query at position p sees keys at positions j with p - sliding_window < j <= p.
+    """
+    T, H, D = q.shape
+    NB, BS, KVH, _ = k_cache.shape
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for b, n in enumerate(context_lens.tolist()):
+        start, end = cu[b], cu[b + 1]
+        L = end - start
+        blocks = block_tables[b, : (n + BS - 1) // BS].long()
+        k = k_cache[blocks].reshape(-1, KVH, D)[:n].float()  # [N, KVH, D]
+        v = v_cache[blocks].reshape(-1, KVH, D)[:n].float()
+        k = k.repeat_interleave(H // KVH, dim=1)  # [N, H, D]: GQA shares one KV head per group
+        v = v.repeat_interleave(H // KVH, dim=1)
+        s = torch.einsum("lhd,nhd->hln", q[start:end].float(), k) * scale  # [H, L, N]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        q_pos = torch.arange(n - L, n, device=q.device)[:, None]
+        k_pos = torch.arange(n, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if sliding_window is not None:
+            visible &= k_pos > q_pos - sliding_window
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+        out[start:end] = torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
+    return out

@@ -1,0 +1,241 @@
+"""The building blocks the five architectures share: norms, rotary, attention over the paged KV cache, MLPs, MoE.
+
+Shapes: T tokens of a step packed back to back (ragged batch), H query heads, KVH KV heads, D head dim.
+Module names follow the Hugging Face checkpoints, so most weights load under their own names.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the paged KV cache and what each one attends to."""
+    slot_mapping: torch.Tensor   # [T] int64: cache slot of each new token
+    block_tables: torch.Tensor   # [B, max_blocks] int32: each sequence's blocks, in order
+    context_lens: torch.Tensor   # [B] int32: tokens in the cache after this step (earlier + new)
+    cu_seqlens_q: torch.Tensor   # [B+1] int32: offsets of each sequence's new tokens in T
+    max_seqlen_q: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_seqlen_q == 1
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, in fp32. Gemma stores w - 1 and scales by (1 + w) before the cast back."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), rescaled as the config's rope_scaling says."""
+    # Explicitly on the CPU: models are built under torch.device("meta"), and this is data, not a weight.
+    steps = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / theta ** (steps / rotary_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+class Rotary:
+    """Rotary position embedding on the first `rotary_dim` dims of each head (Hugging Face's rotate-half layout)."""
+
+    def __init__(self, rotary_dim: int, theta: float, scaling: dict | None = None):
+        self.rotary_dim = rotary_dim
+        self.inv_freq = rope_inv_freq(rotary_dim, theta, scaling)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, rotary_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; rotates (x1, x2) halves of the first cos.shape[-1] dims."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
+                 o_bias: bool = False, sliding_window: int | None = None, softcap: float | None = None):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        T = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rotary(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
+        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attend = kernels.decode_attention if meta.is_decode else kernels.prefill_attention
+        o = attend(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                   self.scale, self.sliding_window, self.softcap)
+        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """One Mixtral expert, with its checkpoint names: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts: softmax over all experts in fp32, keep the k largest, renormalise."""
+
+    def __init__(self, hidden: int, intermediate: int, n_experts: int, top_k: int, act: str):
+        super().__init__()
+        self.gate = nn.Linear(hidden, n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(hidden, intermediate, act) for _ in range(n_experts))
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # [T, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](x[token]) * weights[token, slot, None].to(x.dtype)
+            out.index_add_(0, token, y)
+        return out
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(norm(x)), then h + mlp(norm(h)): Llama, Mistral, Gemma, Mixtral."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
+                 post_attention_layernorm: nn.Module):
+        super().__init__()
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    def forward(self, x, cos, sin, meta, kv_cache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class ParallelBlock(nn.Module):
+    """x + attn(norm(x)) + mlp(norm(x)): Phi-2's attention and MLP read the same normed input."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module):
+        super().__init__()
+        self.self_attn, self.mlp, self.input_layernorm = self_attn, mlp, input_layernorm
+
+    def forward(self, x, cos, sin, meta, kv_cache):
+        h = self.input_layernorm(x)
+        return x + self.self_attn(h, cos, sin, meta, kv_cache) + self.mlp(h)
+
+
+class CausalLM(nn.Module):
+    """Embedding -> blocks -> final norm -> lm_head, with Hugging Face's module names (model.*, lm_head)."""
+
+    def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
+                 embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, hidden)
+        self.model.layers = nn.ModuleList(blocks)
+        self.model.norm = norm
+        self.lm_head = nn.Linear(hidden, vocab, bias=lm_head_bias)
+        self.rotary = rotary
+        self.embed_scale = embed_scale
+        self.tie_word_embeddings = tie_word_embeddings
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
+        x = self.model.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            # Gemma rounds the scale to the activation dtype before multiplying, so we do too.
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, meta, kv)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,236 @@
+"""The loaders of the API: five architecture classes and the four wrappers that pick a model kind."""
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from . import chat_template, hub
+from .block_manager import BlockManager
+from .config import read_json
+from .model_runner import ModelRunner
+from .models import gemma, llama, mistral, mixtral, phi2
+from .requests import ModelKind, model_dtype
+from .weights import load_state, read_safetensors
+
+log = logging.getLogger("mistralrs")
+
+TOKEN_SOURCES = ("cache", "literal", "envvar", "path", "none")
+CPU_KV_CACHE_TOKENS = 8192
+
+
+@dataclass
+class Pipeline:
+    """Everything a Runner needs of a loaded model."""
+    model_id: str
+    model_runner: ModelRunner
+    tokenizer: Tokenizer
+    chat_template: str | None
+    special_tokens: dict
+    eos_token_ids: set[int]
+    max_model_len: int
+    vocab_size: int
+    repeat_last_n: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class LoaderOptions:
+    model_id: str | None
+    kind: ModelKind
+    no_kv_cache: bool
+    use_flash_attn: bool | None
+    repeat_last_n: int
+    gqa: int | None
+    order_file: str | None
+    quantized_model_id: str | None
+    quantized_filename: str | None
+    xlora_model_id: str | None
+    chat_template: str | None
+    tokenizer_json: str | None
+    tgt_non_granular_index: int | None
+
+    def check(self):
+        if not isinstance(self.kind, ModelKind):
+            raise TypeError(f"kind must be a mistralrs.ModelKind, got {self.kind!r}")
+        xlora = self.kind in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML)
+        quantized = self.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
+        for name, needed in (("order_file", xlora), ("xlora_model_id", xlora),
+                             ("quantized_model_id", quantized), ("quantized_filename", quantized)):
+            given = getattr(self, name) is not None
+            if given != needed:
+                raise ValueError(f"{name} is {'required' if needed else 'not allowed'} for model kind {self.kind.name}")
+        if not isinstance(self.repeat_last_n, int) or self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be an int >= 0, got {self.repeat_last_n!r}")
+        if self.gqa is not None and (not isinstance(self.gqa, int) or self.gqa < 1):
+            raise ValueError(f"gqa must be an int >= 1 or None, got {self.gqa!r}")
+
+
+class ArchLoader:
+    """An architecture. Usable directly with a model kind, as the original bindings allowed, or passed (as the class
+    or an instance) to NormalLoader and the other wrappers."""
+    module = None
+
+    def __init__(self, model_id=None, kind=ModelKind.Normal, no_kv_cache=False, use_flash_attn=None,
+                 repeat_last_n=64, gqa=None, order_file=None, quantized_model_id=None, quantized_filename=None,
+                 xlora_model_id=None, chat_template=None, tokenizer_json=None, tgt_non_granular_index=None):
+        self.options = LoaderOptions(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
+                                     quantized_model_id, quantized_filename, xlora_model_id, chat_template,
+                                     tokenizer_json, tgt_non_granular_index)
+        if model_id is not None:
+            self.options.check()
+
+    def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
+             token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16):
+        """Load the model and return a Runner serving it.
+
+        Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
+        tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block)."""
+        from .runner import Runner
+
+        o = self.options
+        if o.model_id is None:
+            raise ValueError(f"{type(self).__name__} needs a model_id to load")
+        o.check()
+        if o.kind is not ModelKind.Normal:
+            raise NotImplementedError(f"model kind {o.kind.name} is not supported yet; only Normal loads today")
+        if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
+            raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
+        token = hub.resolve_token(token_source, token_source_value)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipeline = self._load_normal(token, revision, model_dtype(dtype, device), device, kv_cache_tokens, block_size)
+        return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
+
+    def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size) -> Pipeline:
+        o, m = self.options, self.module
+        files = hub.model_files(o.model_id, revision=revision, token=token, tokenizer_json=o.tokenizer_json)
+        cfg = read_json(files.config)
+        if cfg.get("model_type") not in m.MODEL_TYPES:
+            raise ValueError(f"{o.model_id}: config.json has model_type {cfg.get('model_type')!r}, but "
+                             f"{type(self).__name__} loads model_type {' or '.join(map(repr, m.MODEL_TYPES))}")
+        args = m.Args.from_hf(cfg)
+        with torch.device("meta"):
+            model = m.build(args)
+        load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
+
+        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size)
+        tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
+        template, special = chat_template.resolve(o.chat_template, tok_cfg)
+        gen_cfg = read_json(files.generation_config) if files.generation_config else {}
+        return Pipeline(
+            model_id=o.model_id, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache), tokenizer=tokenizer,
+            chat_template=template, special_tokens=special, eos_token_ids=eos_ids(tokenizer, special, cfg, gen_cfg),
+            max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n,
+            device=device, dtype=dtype)
+
+
+def kv_blocks(args, dtype, device, kv_cache_tokens, block_size) -> BlockManager:
+    per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
+    if kv_cache_tokens is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            kv_cache_tokens = int(0.9 * free) // per_token
+        else:
+            kv_cache_tokens = CPU_KV_CACHE_TOKENS
+    num_blocks = max(1, kv_cache_tokens // block_size)
+    log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
+             num_blocks * block_size * per_token / 2**20)
+    return BlockManager(args.num_hidden_layers, num_blocks, block_size, args.num_key_value_heads, args.head_dim,
+                        dtype, device)
+
+
+def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dict]:
+    if files.tokenizer_json is None:
+        raise FileNotFoundError(f"{model_id} has no tokenizer.json; pass tokenizer_json= to the loader")
+    tok_cfg = read_json(files.tokenizer_config) if files.tokenizer_config else {}
+    return Tokenizer.from_file(str(files.tokenizer_json)), tok_cfg
+
+
+def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
+    """EOS from generation_config.json, config.json and tokenizer_config.json together."""
+    ids = set()
+    for value in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if special.get("eos_token") is not None and tokenizer.token_to_id(special["eos_token"]) is not None:
+        ids.add(tokenizer.token_to_id(special["eos_token"]))
+    return ids
+
+
+class MistralLoader(ArchLoader):
+    module = mistral
+
+
+class GemmaLoader(ArchLoader):
+    module = gemma
+
+
+class LlamaLoader(ArchLoader):
+    module = llama
+
+
+class MixtralLoader(ArchLoader):
+    module = mixtral
+
+
+class Phi2Loader(ArchLoader):
+    module = phi2
+
+
+def _arch(loader_class) -> type[ArchLoader]:
+    if isinstance(loader_class, ArchLoader):
+        return type(loader_class)
+    if isinstance(loader_class, type) and issubclass(loader_class, ArchLoader) and loader_class is not ArchLoader:
+        return loader_class
+    raise TypeError("the first argument must be one of MistralLoader, GemmaLoader, LlamaLoader, MixtralLoader, "
+                    f"Phi2Loader (the class or an instance), got {loader_class!r}")
+
+
+class _Wrapper:
+    def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
+             token_source_value=None, dtype=None, **extras):
+        return self.inner.load(token_source, max_seqs, truncate_sequence, logfile, revision, token_source_value,
+                               dtype, **extras)
+    load.__doc__ = ArchLoader.load.__doc__
+
+
+class NormalLoader(_Wrapper):
+    def __init__(self, loader_class, /, model_id, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64, gqa=None,
+                 chat_template=None, tokenizer_json=None):
+        self.inner = _arch(loader_class)(model_id, ModelKind.Normal, no_kv_cache, use_flash_attn, repeat_last_n, gqa,
+                                         None, None, None, None, chat_template, tokenizer_json, None)
+
+
+class XLoraLoader(_Wrapper):
+    def __init__(self, loader_class, /, model_id, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64, gqa=None,
+                 order_file=None, xlora_model_id=None, chat_template=None, tokenizer_json=None,
+                 tgt_non_granular_index=None):
+        self.inner = _arch(loader_class)(model_id, ModelKind.XLoraNormal, no_kv_cache, use_flash_attn, repeat_last_n,
+                                         gqa, order_file, None, None, xlora_model_id, chat_template, tokenizer_json,
+                                         tgt_non_granular_index)
+
+
+class QuantizedLoader(_Wrapper):
+    def __init__(self, loader_class, /, model_id, is_gguf, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64,
+                 gqa=None, quantized_model_id=None, quantized_filename=None, chat_template=None, tokenizer_json=None):
+        kind = ModelKind.QuantizedGGUF if _is_gguf(is_gguf) else ModelKind.QuantizedGGML
+        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, None,
+                                         quantized_model_id, quantized_filename, None, chat_template, tokenizer_json,
+                                         None)
+
+
+class XLoraQuantizedLoader(_Wrapper):
+    def __init__(self, loader_class, /, model_id, is_gguf, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64,
+                 gqa=1, order_file=None, quantized_model_id=None, quantized_filename=None, xlora_model_id=None,
+                 chat_template=None, tokenizer_json=None, tgt_non_granular_index=None):
+        kind = ModelKind.XLoraGGUF if _is_gguf(is_gguf) else ModelKind.XLoraGGML
+        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
+                                         quantized_model_id, quantized_filename, xlora_model_id, chat_template,
+                                         tokenizer_json, tgt_non_granular_index)
+
+
+def _is_gguf(is_gguf) -> bool:
+    if not isinstance(is_gguf, bool):
+        raise TypeError(f"is_gguf must be a bool (True for GGUF, False for legacy GGML), got {is_gguf!r}")
+    return is_gguf

@@ -1,0 +1,63 @@
+"""One forward step over a batch of sequences: new tokens in, logits out, the paged KV cache updated."""
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .layers import AttentionMetadata, CausalLM
+
+
+@dataclass
+class SeqState:
+    """What the model runner needs of a sequence: its tokens and which of them the KV cache holds."""
+    tokens: list[int]
+    num_cached: int = 0
+    block_table: list[int] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, blocks: BlockManager, device: torch.device, no_kv_cache: bool = False):
+        self.model, self.blocks, self.device, self.no_kv_cache = model, blocks, device, no_kv_cache
+
+    def blocks_needed(self, seq: SeqState) -> int:
+        return self.blocks.extra_blocks(seq.block_table, len(seq.tokens))
+
+    def release(self, seq: SeqState) -> None:
+        self.blocks.release(seq.block_table)
+        seq.num_cached = 0
+
+    def metadata(self, seqs: list[SeqState]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Input ids, positions and attention metadata for every sequence's uncached tokens."""
+        BS = self.blocks.block_size
+        ids, positions, slots, lens, cu = [], [], [], [], [0]
+        for s in seqs:
+            self.blocks.grow(s.block_table, len(s.tokens))
+            new = range(s.num_cached, len(s.tokens))
+            ids.extend(s.tokens[s.num_cached:])
+            positions.extend(new)
+            slots.extend(s.block_table[p // BS] * BS + p % BS for p in new)
+            lens.append(len(s.tokens))
+            cu.append(cu[-1] + len(new))
+        width = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+
+        def t(x, dtype):
+            return torch.tensor(x, dtype=dtype, device=self.device)
+        meta = AttentionMetadata(slot_mapping=t(slots, torch.int64), block_tables=t(tables, torch.int32),
+                                 context_lens=t(lens, torch.int32), cu_seqlens_q=t(cu, torch.int32),
+                                 max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
+        return t(ids, torch.int64), t(positions, torch.int64), meta
+
+    @torch.inference_mode()
+    def step(self, seqs: list[SeqState], all_logits: bool = False) -> torch.Tensor:
+        """Run every sequence's uncached tokens; logits [B, V] at each last token, or [T, V] for all new tokens."""
+        if self.no_kv_cache:
+            for s in seqs:
+                self.release(s)  # recompute the whole context every step
+        ids, positions, meta = self.metadata(seqs)
+        hidden = self.model(ids, positions, meta, self.blocks.kv_caches)
+        if not all_logits:
+            hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: the last new token of each sequence
+        for s in seqs:
+            s.num_cached = len(s.tokens)
+        return self.model.logits(hidden)

@@ -1,0 +1,38 @@
+"""Gemma: embeddings scaled by sqrt(hidden), RMSNorm with a (1 + w) weight, GeGLU MLP, explicit head_dim, tied lm_head."""
+from dataclasses import dataclass
+
+from ..config import ModelArgs, common_hf_fields
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+
+MODEL_TYPES = ("gemma",)
+HF_RENAMES: list[tuple[str, str]] = []
+
+
+@dataclass
+class GemmaArgs(ModelArgs):
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "GemmaArgs":
+        fields = common_hf_fields(cfg)
+        # Gemma's first configs said hidden_act "gelu" but the model was trained with the tanh approximation;
+        # `hidden_activation` is the field that says what to run.
+        fields["hidden_act"] = cfg.get("hidden_activation") or "gelu_pytorch_tanh"
+        fields["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
+        return cls(**fields)
+
+
+Args = GemmaArgs
+
+
+def build(a: GemmaArgs) -> CausalLM:
+    blocks = [
+        PreNormBlock(
+            Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim),
+            GatedMLP(a.hidden_size, a.intermediate_size, a.hidden_act),
+            RMSNorm(a.hidden_size, a.norm_eps, unit_offset=True),
+            RMSNorm(a.hidden_size, a.norm_eps, unit_offset=True),
+        )
+        for _ in range(a.num_hidden_layers)
+    ]
+    return CausalLM(a.vocab_size, a.hidden_size, blocks, RMSNorm(a.hidden_size, a.norm_eps, unit_offset=True),
+                    Rotary(a.head_dim, a.rope_theta, a.rope_scaling), embed_scale=a.hidden_size ** 0.5,
+                    tie_word_embeddings=a.tie_word_embeddings)

@@ -1,0 +1,35 @@
+"""Llama: pre-norm blocks, RMSNorm, rotary (optionally llama3-scaled), GQA attention, SwiGLU MLP."""
+from dataclasses import dataclass
+
+from ..config import ModelArgs, common_hf_fields
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+
+MODEL_TYPES = ("llama",)
+HF_RENAMES: list[tuple[str, str]] = []  # the checkpoint names are ours
+
+
+@dataclass
+class LlamaArgs(ModelArgs):
+    attention_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "LlamaArgs":
+        return cls(**common_hf_fields(cfg), attention_bias=cfg.get("attention_bias", False))
+
+
+Args = LlamaArgs
+
+
+def build(a: LlamaArgs) -> CausalLM:
+    blocks = [
+        PreNormBlock(
+            Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                      qkv_bias=a.attention_bias, o_bias=a.attention_bias),
+            GatedMLP(a.hidden_size, a.intermediate_size, a.hidden_act),
+            RMSNorm(a.hidden_size, a.norm_eps),
+            RMSNorm(a.hidden_size, a.norm_eps),
+        )
+        for _ in range(a.num_hidden_layers)
+    ]
+    return CausalLM(a.vocab_size, a.hidden_size, blocks, RMSNorm(a.hidden_size, a.norm_eps),
+                    Rotary(a.head_dim, a.rope_theta, a.rope_scaling), tie_word_embeddings=a.tie_word_embeddings)

@@ -1,0 +1,33 @@
+"""Mistral: Llama's graph plus sliding-window attention (each token sees the last `sliding_window` positions)."""
+from dataclasses import dataclass
+
+from ..config import ModelArgs, common_hf_fields
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+
+MODEL_TYPES = ("mistral",)
+HF_RENAMES: list[tuple[str, str]] = []
+
+
+@dataclass
+class MistralArgs(ModelArgs):
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "MistralArgs":
+        return cls(**common_hf_fields(cfg), sliding_window=cfg.get("sliding_window"))
+
+
+Args = MistralArgs
+
+
+def build(a: MistralArgs) -> CausalLM:
+    blocks = [
+        PreNormBlock(
+            Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                      sliding_window=a.sliding_window),
+            GatedMLP(a.hidden_size, a.intermediate_size, a.hidden_act),
+            RMSNorm(a.hidden_size, a.norm_eps),
+            RMSNorm(a.hidden_size, a.norm_eps),
+        )
+        for _ in range(a.num_hidden_layers)
+    ]
+    return CausalLM(a.vocab_size, a.hidden_size, blocks, RMSNorm(a.hidden_size, a.norm_eps),
+                    Rotary(a.head_dim, a.rope_theta, a.rope_scaling), tie_word_embeddings=a.tie_word_embeddings)

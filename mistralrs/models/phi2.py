@@ -1,0 +1,53 @@
+"""Phi-2: parallel attention and MLP on one LayerNorm, partial rotary, biases everywhere, GELU MLP, lm_head bias."""
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..config import ModelArgs, common_hf_fields
+from ..layers import Attention, CausalLM, ParallelBlock, Rotary, activation
+
+MODEL_TYPES = ("phi",)
+HF_RENAMES = [(".self_attn.dense.", ".self_attn.o_proj."), ("model.final_layernorm.", "model.norm.")]
+
+
+@dataclass
+class Phi2Args(ModelArgs):
+    partial_rotary_factor: float = 0.5
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "Phi2Args":
+        if cfg.get("qk_layernorm"):
+            raise ValueError("Phi config has qk_layernorm=true, which Phi-2 does not use and mistralrs does not support")
+        return cls(**common_hf_fields(cfg, norm_eps_key="layer_norm_eps"),
+                   partial_rotary_factor=cfg.get("partial_rotary_factor")
+                   or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+Args = Phi2Args
+
+
+def build(a: Phi2Args) -> CausalLM:
+    blocks = [
+        ParallelBlock(
+            Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                      qkv_bias=True, o_bias=True),
+            MLP(a.hidden_size, a.intermediate_size, a.hidden_act),
+            nn.LayerNorm(a.hidden_size, eps=a.norm_eps),
+        )
+        for _ in range(a.num_hidden_layers)
+    ]
+    rotary_dim = int(a.head_dim * a.partial_rotary_factor)
+    return CausalLM(a.vocab_size, a.hidden_size, blocks, nn.LayerNorm(a.hidden_size, eps=a.norm_eps),
+                    Rotary(rotary_dim, a.rope_theta, a.rope_scaling), lm_head_bias=True,
+                    tie_word_embeddings=a.tie_word_embeddings)

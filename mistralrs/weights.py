@@ -1,0 +1,53 @@
+"""Materialize a model built on the meta device from safetensors files, through a literal rename list."""
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+# Tensors some checkpoints carry that the model recomputes itself.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def rename(name: str, renames: list[tuple[str, str]]) -> str:
+    for old, new in renames:
+        name = name.replace(old, new)
+    return name
+
+
+def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: torch.dtype,
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, renamed to our module names and cast to `dtype`, with a progress bar."""
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    state = {}
+    with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
+        for f, h in zip(files, handles):
+            for name in h.keys():
+                if not name.endswith(IGNORED_SUFFIXES):
+                    state[rename(name, renames)] = h.get_tensor(name).to(device=device, dtype=dtype)
+                bar.update()
+    return state
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Assign `state` to the meta-device `model`, checking names and shapes against what the graph expects."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tied = getattr(model, "tie_word_embeddings", False) and "lm_head.weight" not in state
+    if tied:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing tensors {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected tensors {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"the config implies {tuple(shape)}")
+    model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
