@@ -1,0 +1,11 @@
+"""mistralrs: LLM inference with Triton kernels behind the mistralrs Loader/Runner API."""
+from .loader import (GemmaLoader, LlamaLoader, MistralLoader, MixtralLoader, NormalLoader, Phi2Loader, QuantizedLoader,
+                     XLoraLoader, XLoraQuantizedLoader)
+from .requests import ChatCompletionRequest, CompletionRequest, DType, ModelKind
+from .runner import ChatCompletionStreamer, Runner
+
+__all__ = [
+    "NormalLoader", "XLoraLoader", "QuantizedLoader", "XLoraQuantizedLoader",
+    "MistralLoader", "GemmaLoader", "LlamaLoader", "MixtralLoader", "Phi2Loader",
+    "Runner", "ChatCompletionStreamer", "ChatCompletionRequest", "CompletionRequest", "ModelKind", "DType",
+]

@@ -1,0 +1,56 @@
+"""OpenAI-compatible response and chunk JSON: chat.completion, chat.completion.chunk, text_completion."""
+import json
+import time
+
+
+def token_logprob(tokenizer, token: int, logprob: float) -> dict:
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokenizer, entries) -> dict:
+    """entries: (token, logprob, [(top token, top logprob), ...]) per generated token."""
+    return {"content": [
+        {**token_logprob(tokenizer, tok, lp), "top_logprobs": [token_logprob(tokenizer, t, v) for t, v in top]}
+        for tok, lp, top in entries
+    ]}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(rid: str, model: str, created: int, choices: list[dict], use: dict) -> str:
+    return json.dumps({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                       "system_fingerprint": "local", "choices": choices, "usage": use})
+
+
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: str, finish_reason: str | None,
+               logprobs: dict | None, first: bool) -> str:
+    d = {"role": "assistant", "content": delta} if first else {"content": delta}
+    return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "system_fingerprint": "local",
+                       "choices": [{"index": index, "delta": d, "finish_reason": finish_reason,
+                                    "logprobs": logprobs}]})
+
+
+def completion(rid: str, model: str, created: int, choices: list[dict], use: dict | None) -> str:
+    body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": "local", "choices": choices}
+    if use is not None:
+        body["usage"] = use
+    return json.dumps(body)
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,94 @@
+"""Batched sampling: penalties, logit bias, temperature, top-k, top-p, and the model's own logprobs.
+
+Order of operations on each row of logits (float32):
+    logprobs reported  = log_softmax(raw logits)                      (the model's own distribution)
+    l = raw - frequency_penalty * count(t) - presence_penalty * [count(t) > 0]   over the last repeat_last_n tokens
+    l = l + logit_bias
+    temperature 0: argmax(l); otherwise sample from softmax(l / T) restricted to the top-k, then the top-p nucleus.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]  # per row: the top_logprobs (token, logprob) pairs, best first
+
+
+def apply_penalties(logits: torch.Tensor, recent: list[list[int]], presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; recent[b] the tokens penalised for row b; presence/frequency [B]."""
+    B, V = logits.shape
+    counts = torch.zeros(B, V, device=logits.device)
+    for b, toks in enumerate(recent):
+        if toks:
+            counts[b].index_add_(0, torch.tensor(toks, device=logits.device), torch.ones(len(toks), device=logits.device))
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """-inf outside each row's k largest and outside its nucleus: the smallest prefix (by probability) whose mass
+    reaches p, so the token that crosses p is kept. top_k [B] (V = off), top_p [B] (1.0 = off)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    drop = rank >= top_k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= top_p[:, None]
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list[int]],
+           generators: list[torch.Generator]) -> Sampled:
+    """One token per row of logits [B, V]."""
+    B, V = logits.shape
+    dev = logits.device
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+
+    def col(values):
+        return torch.tensor(values, dtype=torch.float32, device=dev)
+
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        logits = apply_penalties(logits, recent, col([p.presence_penalty for p in params]),
+                                 col([p.frequency_penalty for p in params]))
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(B, V, device=dev)
+        for b, p in enumerate(params):
+            for tok, value in p.logit_bias.items():
+                bias[b, tok] = value
+        logits = logits + bias
+
+    temperature = col([p.temperature if p.temperature > 0 else 1.0 for p in params])
+    filtered = top_k_top_p_mask(logits / temperature[:, None],
+                                torch.tensor([p.top_k or V for p in params], device=dev),
+                                col([p.top_p or 1.0 for p in params]))
+    probs = torch.softmax(filtered, dim=-1)
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = [greedy[b] if p.temperature == 0 else int(torch.multinomial(probs[b], 1, generator=generators[b]))
+              for b, p in enumerate(params)]
+
+    chosen = logprobs[torch.arange(B, device=dev), torch.tensor(tokens, device=dev)].tolist()
+    k = max(p.top_logprobs for p in params)
+    top = [[] for _ in params]
+    if k:
+        values, ids = logprobs.topk(k, dim=-1)
+        for b, p in enumerate(params):
+            top[b] = list(zip(ids[b, : p.top_logprobs].tolist(), values[b, : p.top_logprobs].tolist()))
+    return Sampled(tokens, chosen, top)

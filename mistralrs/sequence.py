@@ -1,0 +1,31 @@
+"""A sequence: one choice of a request, from its prompt tokens to its finished text."""
+from dataclasses import dataclass, field
+
+import torch
+
+from .model_runner import SeqState
+from .sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence(SeqState):
+    group: object = None              # the runner's request this sequence answers
+    index: int = 0                    # choice index within the request
+    prompt_len: int = 0
+    max_len: int = 0                  # stop ("length") once the sequence holds this many tokens
+    params: SamplingParams = field(default_factory=SamplingParams)
+    generator: torch.Generator | None = None
+    stop_token_ids: frozenset = frozenset()
+    logprobs: list = field(default_factory=list)  # per generated token: (token, logprob, top pairs)
+    cum_logprob: float = 0.0
+    finish_reason: str | None = None
+    text: str = ""                    # completion text decided so far (stop strings cut, special tokens skipped)
+    streamed: int = 0                 # characters of `text` already sent to a stream
+
+    @property
+    def completion(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
