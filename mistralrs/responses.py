@@ -1,11 +1,34 @@
 """OpenAI-compatible response and chunk JSON: chat.completion, chat.completion.chunk, text_completion."""
+import functools
 import json
+import re
 import time
+
+from tokenizers import decoders
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins = visible + [256 + i for i in range(256 - len(visible))]
+    hidden = [b for b in range(256) if b not in visible]
+    return {chr(c): b for c, b in zip(stand_ins, visible + hidden)}
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The raw bytes a token stands for: a partial UTF-8 character stays partial, as OpenAI's `bytes` field wants."""
+    piece = tokenizer.id_to_token(token) or ""
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    if isinstance(tokenizer.decoder, decoders.ByteLevel) and all(c in _byte_level_alphabet() for c in piece):
+        return bytes(_byte_level_alphabet()[c] for c in piece)
+    return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
 def token_logprob(tokenizer, token: int, logprob: float) -> dict:
     text = tokenizer.decode([token], skip_special_tokens=False)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
 
 
 def chat_logprobs(tokenizer, entries) -> dict:

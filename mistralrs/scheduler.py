@@ -50,6 +50,10 @@ class Scheduler:
                 victim = self.running[-1]
                 free += len(victim.block_table)
                 self._preempt(victim)
+            if need > free and decodes:  # older sequences hold the rest of the cache: wait for them
+                free += len(seq.block_table)
+                self._preempt(seq)
+                continue
             if need > free:  # alone in the cache and still out of room
                 too_long.append(seq)
                 continue

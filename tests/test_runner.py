@@ -151,17 +151,20 @@ def test_logprobs_equal_transformers_log_softmax(llama, hf_llama, tiny_models):
     r = ChatCompletion.model_validate_json(llama.send_chat_completion_request(
         ChatCompletionRequest(CHAT, "tiny", max_tokens=10, temperature=0, logprobs=True, top_logprobs=3)))
     prompt_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    _, ids = hf_greedy_text(tiny_models["llama"], prompt_ids, 10)  # greedy tokens agree (tested above)
     entries = r.choices[0].logprobs.content
-    ids = [tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(tok(e.token, add_special_tokens=False).input_ids))[0]
-           for e in entries]
+    assert len(entries) == len(ids)
     with torch.no_grad():
         logp = torch.log_softmax(hf_llama(torch.tensor([prompt_ids + ids])).logits[0], -1)
     for i, e in enumerate(entries):
         row = logp[len(prompt_ids) - 1 + i]
+        assert e.token == tok.decode([ids[i]])
         assert abs(e.logprob - row[ids[i]].item()) < 1e-4
         top = row.topk(3)
         assert [t.logprob for t in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t in top.indices.tolist()]
+    # the raw bytes of all tokens are the UTF-8 of the whole text, even where a token splits a character
+    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace") == tok.decode(ids)
 
 
 def test_stop_string_spanning_tokens_is_cut(llama, tiny_models):
@@ -192,18 +195,19 @@ def test_echo_and_suffix(llama):
     assert r.choices[0].text == PROMPT + plain.choices[0].text + " [END]"
 
 
-def test_stop_token_ids_and_max_tokens(llama):
+def test_stop_token_ids_and_max_tokens(llama, tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     base = ChatCompletion.model_validate_json(llama.send_chat_completion_request(
-        ChatCompletionRequest(CHAT, "tiny", max_tokens=8, temperature=0, logprobs=True)))
+        ChatCompletionRequest(CHAT, "tiny", max_tokens=8, temperature=0)))
     assert base.choices[0].finish_reason == "length" and base.usage.completion_tokens == 8
-    entries = base.choices[0].logprobs.content
-    third = llama.pipeline.tokenizer.token_to_id(entries[2].token)
-    if third is None:
-        pytest.skip("third token is not a single vocabulary entry")
+    prompt_ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    _, ids = hf_greedy_text(tiny_models["llama"], prompt_ids, 8)
     r = ChatCompletion.model_validate_json(llama.send_chat_completion_request(
-        ChatCompletionRequest(CHAT, "tiny", max_tokens=8, temperature=0, stop_token_ids=[third])))
+        ChatCompletionRequest(CHAT, "tiny", max_tokens=8, temperature=0, stop_token_ids=[ids[2]])))
+    first = ids.index(ids[2])
     assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.content == "".join(e.token for e in entries[:2])
+    assert r.choices[0].message.content == tok.decode(ids[:first])
+    assert r.usage.completion_tokens == first + 1
 
 
 BAD_REQUESTS = [
