@@ -55,12 +55,15 @@ def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: str, finish_reason: str | None,
-               logprobs: dict | None, first: bool) -> str:
+               logprobs: dict | None, first: bool, use: dict | None) -> str:
+    """One choice's delta; a choice's last chunk carries its finish_reason and its usage."""
     d = {"role": "assistant", "content": delta} if first else {"content": delta}
-    return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "system_fingerprint": "local",
-                       "choices": [{"index": index, "delta": d, "finish_reason": finish_reason,
-                                    "logprobs": logprobs}]})
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": "local",
+            "choices": [{"index": index, "delta": d, "finish_reason": finish_reason, "logprobs": logprobs}]}
+    if use is not None:
+        body["usage"] = use
+    return json.dumps(body)
 
 
 def completion(rid: str, model: str, created: int, choices: list[dict], use: dict | None) -> str:

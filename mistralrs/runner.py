@@ -259,14 +259,18 @@ class Runner:
         delta = seq.text[seq.streamed:upto]
         if not delta and finish_reason is None:
             return
+        use = responses.usage(seq.prompt_len, len(seq.completion)) if finish_reason else None
         if req.chat:
-            lps = responses.chat_logprobs(self.pipeline.tokenizer, seq.logprobs[-1:]) if req.logprobs else None
+            lps = None
+            if req.logprobs:  # every token since the last chunk, also those whose text was held back
+                lps = responses.chat_logprobs(self.pipeline.tokenizer, seq.logprobs[seq.logprobs_streamed:])
+                seq.logprobs_streamed = len(seq.logprobs)
             chunk = responses.chat_chunk(req.id, self.pipeline.model_id, req.created, seq.index, delta,
-                                         finish_reason, lps, first=seq.streamed == 0)
+                                         finish_reason, lps, seq.streamed == 0, use)
         else:
             text = (req.echo if seq.streamed == 0 else "") + delta + (req.suffix if finish_reason else "")
             chunk = responses.completion(req.id, self.pipeline.model_id, req.created,
-                                         [responses.completion_choice(seq.index, text, finish_reason)], None)
+                                         [responses.completion_choice(seq.index, text, finish_reason)], use)
         seq.streamed = upto
         self._send(req, chunk)
 

@@ -21,6 +21,7 @@ class Sequence(SeqState):
     finish_reason: str | None = None
     text: str = ""                    # completion text decided so far (stop strings cut, special tokens skipped)
     streamed: int = 0                 # characters of `text` already sent to a stream
+    logprobs_streamed: int = 0        # entries of `logprobs` already sent to a stream
 
     @property
     def completion(self) -> list[int]:

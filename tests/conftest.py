@@ -72,3 +72,19 @@ def tiny_models() -> TinyModels:
 @pytest.fixture(scope="session")
 def tiny_sharded_llama(tiny_models) -> Path:
     return tiny_models("llama", sharded=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = []
+    if not config.getoption("--runslow"):
+        skips.append(("slow", pytest.mark.skip(reason="slow: run with --runslow")))
+    if not torch.cuda.is_available():
+        skips.append(("gpu", pytest.mark.skip(reason="needs a CUDA device")))
+    for item in items:
+        for keyword, marker in skips:
+            if keyword in item.keywords:
+                item.add_marker(marker)

@@ -1,0 +1,66 @@
+"""python -m mistralrs: one streamed chat turn, then the speed it ran at.
+
+With no flags it runs the built-in demo model (a tiny Llama trained on Python's documentation, see
+tools/train_demo_model.py). --model-id takes a local directory or a Hugging Face hub id.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import mistralrs
+
+DEMO_MODEL = Path(__file__).parent / "data" / "demo-llama"
+ARCHS = {"llama": mistralrs.LlamaLoader, "mistral": mistralrs.MistralLoader, "gemma": mistralrs.GemmaLoader,
+         "mixtral": mistralrs.MixtralLoader, "phi2": mistralrs.Phi2Loader}
+DTYPES = {"f32": mistralrs.DType.F32, "f16": mistralrs.DType.F16, "bf16": mistralrs.DType.BF16}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m mistralrs", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-id", default=str(DEMO_MODEL), help="local directory or hub id (default: built-in demo)")
+    ap.add_argument("--arch", choices=ARCHS, default="llama")
+    ap.add_argument("--gguf", help="GGUF file (local path, or a filename in --quantized-model-id)")
+    ap.add_argument("--quantized-model-id", default="", help="hub repo holding --gguf ('' = local path)")
+    ap.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bf16 on CUDA, f32 on CPU)")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--token-source", default="cache", choices=["cache", "literal", "envvar", "path", "none"])
+    ap.add_argument("--token-source-value")
+    ap.add_argument("--prompt", default="The import statement")
+    return ap.parse_args(argv)
+
+
+def make_loader(a):
+    if a.gguf:
+        return mistralrs.QuantizedLoader(ARCHS[a.arch], model_id=a.model_id, is_gguf=True,
+                                         quantized_model_id=a.quantized_model_id, quantized_filename=a.gguf)
+    return mistralrs.NormalLoader(ARCHS[a.arch], model_id=a.model_id)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    t0 = time.perf_counter()
+    runner = make_loader(a).load(token_source=a.token_source, token_source_value=a.token_source_value,
+                                 dtype=DTYPES.get(a.dtype))
+    print(f"loaded {a.model_id} in {time.perf_counter() - t0:.1f} s\n\n> {a.prompt}\n")
+    request = mistralrs.ChatCompletionRequest([{"role": "user", "content": a.prompt}], "demo",
+                                              max_tokens=a.max_tokens, temperature=a.temperature, stream=True,
+                                              seed=a.seed)
+    start, first, usage = time.perf_counter(), None, None
+    for chunk in runner.send_chat_completion_request(request):
+        body = json.loads(chunk)
+        first = first or time.perf_counter()
+        print(body["choices"][0]["delta"].get("content") or "", end="", flush=True)
+        usage = body.get("usage", usage)
+    elapsed = time.perf_counter() - start
+    n = usage["completion_tokens"]
+    print(f"\n\n[{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tok/s; "
+          f"time to first token {first - start:.3f} s; prompt {usage['prompt_tokens']} tokens]")
+    runner.close()
+
+
+if __name__ == "__main__":
+    main()

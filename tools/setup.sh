@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install mistralrs with its dev extras into the current Python. torch comes first: the CPU build where there is
+# no NVIDIA GPU (pip's plain `torch` would pull the multi-GB CUDA build), the default build where there is one.
+set -euo pipefail
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install torch
+  else
+    "$PY" -m pip install "torch==2.13.0"
+  fi
+fi
+"$PY" -m pip install -e ".[dev]"
