@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import chat_template, responses
+from .grammar import GrammarCompiler, allowed_tokens
 from .requests import ChatCompletionRequest, CompletionRequest
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
@@ -71,6 +72,7 @@ class Runner:
         self.pipeline = pipeline
         self.truncate_sequence = truncate_sequence
         self.scheduler = Scheduler(pipeline.model_runner, max_seqs)
+        self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
         self._logfile, self._log_lock = logfile, threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._engine, name="mistralrs-engine", daemon=True)
@@ -95,8 +97,6 @@ class Runner:
     def send_completion_request(self, request: CompletionRequest):
         if not isinstance(request, CompletionRequest):
             raise TypeError(f"expected a CompletionRequest, got {type(request).__name__}")
-        if request.grammar is not None:
-            raise NotImplementedError("grammar-constrained decoding is not supported yet")
         if request.stream and request.best_of > request.n_choices:
             raise ValueError("best_of > n_choices cannot be streamed: the best candidates are known only at the end")
         ids = self.pipeline.tokenizer.encode(request.prompt, add_special_tokens=True).ids
@@ -104,6 +104,9 @@ class Runner:
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
                          stop_token_ids=[], stop_strings=list(request.stop_seqs or []))
         req.echo = request.prompt if request.echo_prompt else ""
+        if request.grammar is not None:
+            for seq in req.seqs:
+                seq.matcher = self.grammars.matcher(request.grammar, request.grammar_type)
         req.suffix = request.suffix or ""
         return self._submit(req, request)
 
@@ -214,8 +217,9 @@ class Runner:
         try:
             logits = self.pipeline.model_runner.step(batch)
             n = self.pipeline.repeat_last_n
+            allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
             sampled = sample(logits, [s.params for s in batch], [s.tokens[-n:] if n else [] for s in batch],
-                             [s.generator for s in batch])
+                             [s.generator for s in batch], allowed)
             for seq, tok, lp, top in zip(batch, sampled.tokens, sampled.logprobs, sampled.top):
                 if not seq.group.failed:
                     self._advance(seq, tok, lp, top)
@@ -235,6 +239,8 @@ class Runner:
         reason = None
         if token in p.eos_token_ids or token in seq.stop_token_ids:
             reason, completion = "stop", completion[:-1]
+        elif seq.matcher is not None and (not seq.matcher.consume_token(token) or seq.matcher.is_stopped()):
+            reason = "stop"  # the grammar is complete and allows nothing more
         elif len(seq.tokens) >= seq.max_len:
             reason = "length"
         text = p.tokenizer.decode(completion, skip_special_tokens=True)

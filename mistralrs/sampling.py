@@ -3,7 +3,7 @@
 Order of operations on each row of logits (float32):
     logprobs reported  = log_softmax(raw logits)                      (the model's own distribution)
     l = raw - frequency_penalty * count(t) - presence_penalty * [count(t) > 0]   over the last repeat_last_n tokens
-    l = l + logit_bias
+    l = l + logit_bias;  l[t] = -inf where the request's grammar forbids t
     temperature 0: argmax(l); otherwise sample from softmax(l / T) restricted to the top-k, then the top-p nucleus.
 """
 from dataclasses import dataclass, field
@@ -55,8 +55,8 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list[int]],
-           generators: list[torch.Generator]) -> Sampled:
-    """One token per row of logits [B, V]."""
+           generators: list[torch.Generator], allowed: torch.Tensor | None = None) -> Sampled:
+    """One token per row of logits [B, V]; `allowed` [B, V] bool is the grammar mask, if any row has one."""
     B, V = logits.shape
     dev = logits.device
     logits = logits.float()
@@ -74,6 +74,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
             for tok, value in p.logit_bias.items():
                 bias[b, tok] = value
         logits = logits + bias
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
 
     temperature = col([p.temperature if p.temperature > 0 else 1.0 for p in params])
     filtered = top_k_top_p_mask(logits / temperature[:, None],

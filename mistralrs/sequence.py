@@ -16,6 +16,7 @@ class Sequence(SeqState):
     params: SamplingParams = field(default_factory=SamplingParams)
     generator: torch.Generator | None = None
     stop_token_ids: frozenset = frozenset()
+    matcher: object = None            # llguidance matcher of a grammar-constrained request
     logprobs: list = field(default_factory=list)  # per generated token: (token, logprob, top pairs)
     cum_logprob: float = 0.0
     finish_reason: str | None = None
