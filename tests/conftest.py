@@ -1,4 +1,9 @@
+import hashlib
+import importlib.util
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -12,13 +17,6 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 
 def _load_tiny_tool():

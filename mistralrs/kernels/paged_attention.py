@@ -1,0 +1,134 @@
+"""Triton paged attention: store_kv, and causal flash attention of ragged new queries over a paged KV cache.
+
+Memory layout (as kernels/reference.py):
+    q, out:            [T, H, D], the new tokens of B sequences back to back; cu_seqlens_q [B+1] int32 marks them
+    k_cache, v_cache:  [NB, BS, KVH, D]; a sequence's token i is in page block_tables[b, i // BS], row i % BS
+    context_lens:      [B] int32, tokens in the cache per sequence, the new ones last (so query i of sequence b sits
+                       at position context_lens[b] - L_b + i)
+One program handles BLOCK_M queries of one sequence and one query head, walking the sequence's pages in order with
+an online softmax in fp32 (FlashAttention-2). GQA: query head h reads KV head h // (H // KVH), nothing is copied.
+The same kernel serves prefill (L_b > 1, also chunked prefill over earlier context) and decode (L_b = 1).
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_c_slot, stride_c_h,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    d = tl.arange(0, BLOCK_D)
+    mask = d < D
+    k = tl.load(k_ptr + t * stride_k_t + h * stride_k_h + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_v_t + h * stride_v_h + d, mask=mask)
+    dst = slot * stride_c_slot + h * stride_c_h + d
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    T, KVH, D = k.shape
+    assert v.shape == k.shape and k_cache.shape == v_cache.shape and k_cache.shape[2:] == (KVH, D)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert slot_mapping.shape == (T,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    if T == 0:
+        return
+    _store_kv_kernel[(T, KVH)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+                               v.stride(1), k_cache.stride(1), k_cache.stride(2), D=D,
+                               BLOCK_D=triton.next_power_of_2(D))
+
+
+@triton.jit
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr,
+                            scale, softcap, window,
+                            stride_q_t, stride_q_h, stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
+                            stride_o_t, stride_o_h,
+                            GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_WINDOW: tl.constexpr,
+                            USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + b)
+    L = tl.load(cu_q_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= L:
+        return
+    n = tl.load(context_lens_ptr + b)
+    kvh = h // GROUP
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_N)
+    m_valid = offs_m < L
+    d_valid = offs_d < D
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_q_t + h * stride_q_h + offs_d[None, :],
+                mask=m_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = n - L + offs_m
+
+    # Pages that hold any key some query of this tile can see: up to its last query, from its first window.
+    hi = n - L + tl.minimum(L, (tile + 1) * BLOCK_M)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(n - L + tile * BLOCK_M - window + 1, 0)
+    first_page = lo // BS
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for page_idx in range(first_page, tl.cdiv(hi, BS)):
+        page = tl.load(block_tables_ptr + b * stride_bt_b + page_idx).to(tl.int64)
+        k_pos = page_idx * BS + rows
+        n_valid = (rows < BS) & (k_pos < n)
+        kv_off = page * stride_c_b + rows[:, None] * stride_c_s + kvh * stride_c_h + offs_d[None, :]
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        if USE_SOFTCAP:
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)  # softcap * tanh(s / softcap)
+        visible = n_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_o_t + h * stride_o_h + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    max_seqlen_q: int | None = None) -> torch.Tensor:
+    T, H, D = q.shape
+    NB, BS, KVH, Dk = k_cache.shape
+    B = context_lens.shape[0]
+    assert Dk == D and H % KVH == 0 and v_cache.shape == k_cache.shape and q.dtype == k_cache.dtype
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1 and block_tables.shape[0] == B
+    assert context_lens.dtype == torch.int32 and cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q.shape == (B + 1,)
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    out = torch.empty_like(q)
+    BLOCK_M = 16 if max_seqlen_q <= 16 else 64
+    grid = (B, H, triton.cdiv(max_seqlen_q, BLOCK_M))
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
+        scale, softcap or 1.0, sliding_window or 0,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=H // KVH, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BS=BS,
+        BLOCK_N=max(16, triton.next_power_of_2(BS)), BLOCK_M=BLOCK_M, USE_WINDOW=sliding_window is not None,
+        USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return out

@@ -1,0 +1,75 @@
+"""Triton paged attention (interpreted on CPU) against the torch reference, on random paged caches."""
+import pytest
+import torch
+
+from mistralrs.kernels import paged_attention as triton_ops
+from mistralrs.kernels import reference
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def make_case(q_lens, ctx_lens, H, KVH, D, BS, dtype, seed=0):
+    """Random K/V for each sequence's context, written to shuffled pages; queries are each context's last tokens."""
+    g = torch.Generator().manual_seed(seed)
+    pages_needed = [-(-n // BS) for n in ctx_lens]
+    NB = sum(pages_needed) + 2
+    order = torch.randperm(NB, generator=g).tolist()  # pages out of order, as after preemption and reuse
+    k_cache = torch.zeros(NB, BS, KVH, D, dtype=dtype)
+    v_cache = torch.zeros(NB, BS, KVH, D, dtype=dtype)
+    tables, slots = [], []
+    for n, p in zip(ctx_lens, pages_needed):
+        table = [order.pop() for _ in range(p)]
+        tables.append(table + [0] * (max(pages_needed) - p))
+        slots.append(torch.tensor([table[i // BS] * BS + i % BS for i in range(n)]))
+    for n, s in zip(ctx_lens, slots):
+        k = torch.randn(n, KVH, D, generator=g).to(dtype)
+        v = torch.randn(n, KVH, D, generator=g).to(dtype)
+        reference.store_kv(k, v, k_cache, v_cache, s)
+    q = torch.randn(sum(q_lens), H, D, generator=g).to(dtype)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    return (q, k_cache, v_cache, torch.tensor(tables, dtype=torch.int32), torch.tensor(ctx_lens, dtype=torch.int32),
+            cu)
+
+
+CASES = {
+    # name: (q_lens, ctx_lens, H, KVH, D, BS)
+    "prefill_mixed_lengths_gqa4": ([19, 5, 33], [19, 5, 33], 8, 2, 64, 16),
+    "chunked_prefill_over_context": ([7, 12], [40, 12], 4, 4, 64, 16),
+    "decode_batch_half_full_block_gqa8": ([1, 1, 1], [17, 40, 8], 8, 1, 128, 16),
+    "decode_one_token": ([1], [1], 4, 2, 64, 32),
+    "non_power_of_two_heads_d80": ([9, 1], [9, 30], 6, 3, 80, 16),
+    "block_32_mha": ([20, 1], [20, 45], 4, 4, 64, 32),
+    "odd_block_size": ([11, 1], [11, 23], 4, 2, 64, 5),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("window", [None, 6, 1000], ids=["no_window", "window_6", "window_1000"])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_matches_reference(case, window, dtype):
+    q, k_cache, v_cache, tables, lens, cu = make_case(*CASES[case], dtype)
+    scale = q.shape[-1] ** -0.5
+    ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window)
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
+def test_softcap_matches_reference():
+    q, k_cache, v_cache, tables, lens, cu = make_case([6, 1], [6, 20], 4, 2, 64, 16, torch.float32)
+    q = q * 4  # large logits, so the cap bites
+    ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125, None, 5.0)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125, None, 5.0)
+    uncapped = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+    assert not torch.allclose(ref, uncapped, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_store_kv_matches_reference(dtype):
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 9, 3, 80, generator=g).to(dtype)
+    slots = torch.randperm(4 * 16, generator=g)[:9]
+    caches = [torch.zeros(4, 16, 3, 80, dtype=dtype) for _ in range(4)]
+    triton_ops.store_kv(k, v, caches[0], caches[1], slots)
+    reference.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
