@@ -73,3 +73,20 @@ def test_store_kv_matches_reference(dtype):
     triton_ops.store_kv(k, v, caches[0], caches[1], slots)
     reference.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma"])
+def test_greedy_generation_with_triton_ops_equals_reference(tiny_models, monkeypatch, arch):
+    """Mistral: GQA and a sliding window shorter than the prompt; Gemma: MQA with head_dim 32."""
+    import mistralrs
+    from mistralrs import kernels
+    from test_models import ARCHS, greedy, prompt_ids
+
+    loader = mistralrs.NormalLoader(ARCHS[arch], model_id=str(tiny_models[arch]))
+    with loader.load(token_source="none", block_size=16) as runner:
+        mr = runner.pipeline.model_runner
+        ids = prompt_ids(runner)
+        monkeypatch.setattr(kernels, "BACKEND", "reference")
+        expected = greedy(mr, ids, 12)
+        monkeypatch.setattr(kernels, "BACKEND", "triton")
+        assert greedy(mr, ids, 12) == expected

@@ -1,12 +1,41 @@
 """The public kernel ops, and the one place that picks an implementation for them.
 
-Every op has a plain-torch reference in `reference.py`; the Triton kernels land behind the same
-signatures, and this module is the only code that chooses between the two.
+Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
+    "auto"       Triton for CUDA tensors, the torch reference for CPU tensors (the default)
+    "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
+    "reference"  the torch reference everywhere (a baseline to compare against)
 """
+import os
+
 from . import reference
 
-store_kv = reference.store_kv
-prefill_attention = reference.paged_attention
-decode_attention = reference.paged_attention
+BACKENDS = ("auto", "triton", "reference")
+BACKEND = os.environ.get("MISTRALRS_KERNELS", "auto")
+if BACKEND not in BACKENDS:
+    raise ValueError(f"MISTRALRS_KERNELS={BACKEND!r}; allowed: {', '.join(BACKENDS)}")
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention"]
+
+def _impl(x):
+    if BACKEND == "reference" or (BACKEND == "auto" and not x.is_cuda):
+        return reference
+    from . import paged_attention  # imported on first use: CPU-only users never load triton
+    return paged_attention
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    return _impl(k).store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
+                      softcap=None):
+    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                                    sliding_window, softcap)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
+                     softcap=None):
+    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                                    sliding_window, softcap)
+
+
+__all__ = ["store_kv", "prefill_attention", "decode_attention", "BACKEND", "BACKENDS"]
