@@ -54,10 +54,35 @@ def test_paged_attention_matches_reference(case, window, dtype):
     torch.testing.assert_close(ours, ref, **TOL[dtype])
 
 
+DECODE_CASES = {
+    "batch_mixed_lengths_gqa4": ([17, 40, 8, 1], 8, 2, 64, 16),
+    "gqa8_d128": ([33, 5], 8, 1, 128, 16),
+    "mha_non_power_of_two_heads_d80": ([30, 9], 6, 6, 80, 32),
+    "gqa_3_odd_block": ([23, 2], 6, 2, 64, 5),
+}
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("window", [None, 6, 1000], ids=["no_window", "window_6", "window_1000"])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_split_k_decode_matches_reference(case, window, dtype, splits):
+    ctx, H, KVH, D, BS = DECODE_CASES[case]
+    q, k_cache, v_cache, tables, lens, cu = make_case([1] * len(ctx), ctx, H, KVH, D, BS, dtype)
+    scale = D ** -0.5
+    ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, num_splits=splits)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window)
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
 def test_softcap_matches_reference():
     q, k_cache, v_cache, tables, lens, cu = make_case([6, 1], [6, 20], 4, 2, 64, 16, torch.float32)
     q = q * 4  # large logits, so the cap bites
     ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125, None, 5.0)
+    q1, cu1 = q[[5, 6]], torch.tensor([0, 1, 2], dtype=torch.int32)  # the last query of each: decode
+    decode = triton_ops.paged_decode_attention(q1, k_cache, v_cache, tables, lens, cu1, 0.125, None, 5.0)
+    torch.testing.assert_close(decode, reference.paged_attention(q1, k_cache, v_cache, tables, lens, cu1, 0.125,
+                                                                 None, 5.0), **TOL[torch.float32])
     ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125, None, 5.0)
     uncapped = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     torch.testing.assert_close(ours, ref, **TOL[torch.float32])

@@ -34,8 +34,10 @@ def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlen
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
                      softcap=None):
-    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
-                                    sliding_window, softcap)
+    """One new token per sequence: Triton uses split-K flash-decoding here."""
+    impl = _impl(q)
+    op = reference.paged_attention if impl is reference else impl.paged_decode_attention
+    return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window, softcap)
 
 
 __all__ = ["store_kv", "prefill_attention", "decode_attention", "BACKEND", "BACKENDS"]

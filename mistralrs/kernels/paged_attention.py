@@ -132,3 +132,129 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_N=max(16, triton.next_power_of_2(BS)), BLOCK_M=BLOCK_M, USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return out
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+                         part_acc_ptr, part_ml_ptr, scale, softcap, window,
+                         stride_q_t, stride_q_h, stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
+                         GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BS: tl.constexpr, BLOCK_N: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
+                         USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial attention of the GROUP query heads of KV head `kvh` over one split of sequence b's pages."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    n_kv = tl.num_programs(1)
+    n_split = tl.num_programs(2)
+    n = tl.load(context_lens_ptr + b)
+    q_pos = n - 1
+
+    g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, BLOCK_N)
+    g_valid = g < GROUP
+    d_valid = offs_d < D
+    q = tl.load(q_ptr + b * stride_q_t + (kvh * GROUP + g)[:, None] * stride_q_h + offs_d[None, :],
+                mask=g_valid[:, None] & d_valid[None, :], other=0.0)  # [G_PAD, BLOCK_D]
+
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(q_pos - window + 1, 0)
+    first = lo // BS + split * PAGES_PER_SPLIT
+    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(n, BS))
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for page_idx in range(first, last):
+        page = tl.load(block_tables_ptr + b * stride_bt_b + page_idx).to(tl.int64)
+        k_pos = page_idx * BS + rows
+        visible = (rows < BS) & (k_pos < n)
+        if USE_WINDOW:
+            visible = visible & (k_pos > q_pos - window)
+        kv_off = page * stride_c_b + rows[:, None] * stride_c_s + kvh * stride_c_h + offs_d[None, :]
+        kv_mask = visible[:, None] & d_valid[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N]
+        if USE_SOFTCAP:
+            s = softcap * (2 * tl.sigmoid(2 * s / softcap) - 1)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # partials: acc [B, KVH, S, G_PAD, BLOCK_D], (m, l) [B, KVH, S, 2, G_PAD]
+    part = (b * n_kv + kvh) * n_split + split
+    tl.store(part_acc_ptr + part * G_PAD * BLOCK_D + g[:, None] * BLOCK_D + offs_d[None, :], acc)
+    tl.store(part_ml_ptr + part * 2 * G_PAD + g, m_i)
+    tl.store(part_ml_ptr + part * 2 * G_PAD + G_PAD + g, l_i)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_o_t, stride_o_h,
+                          N_SPLIT: tl.constexpr, S_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, for one sequence and query head."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    g = h % GROUP
+    n_kv = tl.num_programs(1) // GROUP
+    s = tl.arange(0, S_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (b * n_kv + kvh) * N_SPLIT + s  # [S_PAD]
+    s_valid = s < N_SPLIT
+    m = tl.load(part_ml_ptr + part * 2 * G_PAD + g, mask=s_valid, other=float("-inf"))
+    l = tl.load(part_ml_ptr + part * 2 * G_PAD + G_PAD + g, mask=s_valid, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * G_PAD * BLOCK_D + g * BLOCK_D + offs_d[None, :],
+                  mask=s_valid[:, None], other=0.0)  # [S_PAD, BLOCK_D]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # splits that saw no key weigh nothing
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + b * stride_o_t + h * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def _num_splits(B: int, KVH: int, max_pages: int, device: torch.device) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU twice over, at least one page each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(max_pages, triton.cdiv(2 * sms, B * KVH), 64))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           scale: float, sliding_window: int | None = None, softcap: float | None = None,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Flash-decoding: one query token per sequence (q [B, H, D]); the context is split across programs so a batch
+    of one with a long context still fills the GPU, then the splits are reduced."""
+    B, H, D = q.shape
+    NB, BS, KVH, Dk = k_cache.shape
+    assert Dk == D and H % KVH == 0 and v_cache.shape == k_cache.shape and q.dtype == k_cache.dtype
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1 and block_tables.shape[0] == B
+    assert context_lens.dtype == torch.int32 and cu_seqlens_q.shape == (B + 1,)
+    GROUP = H // KVH
+    G_PAD, BLOCK_D = max(16, triton.next_power_of_2(GROUP)), max(16, triton.next_power_of_2(D))
+    max_pages = block_tables.shape[1]
+    if sliding_window is not None:  # only the window's pages are walked
+        max_pages = min(max_pages, triton.cdiv(sliding_window, BS) + 1)
+    S = num_splits or _num_splits(B, KVH, max_pages, q.device)
+    part_acc = torch.empty(B, KVH, S, G_PAD, BLOCK_D, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(B, KVH, S, 2, G_PAD, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B, KVH, S)](
+        q, k_cache, v_cache, block_tables, context_lens, part_acc, part_ml, scale, softcap or 1.0,
+        sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=BS,
+        BLOCK_N=max(16, triton.next_power_of_2(BS)), PAGES_PER_SPLIT=triton.cdiv(max_pages, S),
+        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    out = torch.empty_like(q)
+    _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, out.stride(0), out.stride(1), N_SPLIT=S,
+                                  S_PAD=triton.next_power_of_2(S), GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D)
+    return out
