@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: quick (CPU, tiny shapes) vs full (GPU) mode, device limits, derived figures.
+
+    python -m pytest benchmarks/ --benchmark-json=benchmarks/results/<device>/run.json    (full sizes on a GPU)
+    python -m pytest benchmarks/ --quick                                                  (tiny sizes, anywhere)
+
+Every case records in extra_info: shape, dtype, device, torch/triton versions, git commit, and the derived figures
+(GB/s or TFLOP/s, fraction of the device limit measured in the same run, ratio to the best peer measured alongside).
+"""
+import os
+import subprocess
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="tiny shapes (the default without a GPU)")
+
+
+def is_quick(config) -> bool:
+    return config.getoption("--quick") or not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return is_quick(request.config)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
+
+
+def timed(fn, reps: int = 10) -> float:
+    """Median seconds of fn() (after a warm-up), synchronising the GPU around each call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.fixture(scope="session")
+def limits(device, quick) -> dict:
+    """The device's measured copy bandwidth (GB/s: read + write of a large buffer) and bf16 matmul TFLOP/s."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), reps=5)
+    m = 8192 if device.type == "cuda" else 512
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(m, m, dtype=dt, device=device)
+    mm_s = timed(lambda: a @ a, reps=5)
+    return {"copy_gbps": 2 * src.nbytes / copy_s / 1e9, "matmul_tflops": 2 * m ** 3 / mm_s / 1e12}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+@pytest.fixture
+def record(benchmark, device, limits):
+    """record(**figures): attach the case's facts and derived figures to the benchmark's JSON row."""
+    def _record(**figures):
+        benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
+                                    commit=git_commit(), copy_gbps=round(limits["copy_gbps"], 1),
+                                    matmul_tflops=round(limits["matmul_tflops"], 1), **figures)
+    return _record
