@@ -28,7 +28,10 @@ def resolve(override: str | None, tokenizer_config: dict) -> tuple[str | None, d
         if len(override) < 4096 and "{" not in override and path.is_file():
             text = path.read_text()
             if path.suffix == ".json":
-                data = json.loads(text)
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as e:  # bare, it would not name the file
+                    raise ValueError(f"chat_template file {override} is not valid JSON: {e}") from None
                 if "chat_template" not in data:
                     raise ValueError(f"chat_template file {override} has no 'chat_template' key")
                 text = data["chat_template"]

@@ -172,7 +172,10 @@ def _weights(model_id: str, revision: str | None, token: str | bool) -> list[Pat
     # weights again, so globbing *.safetensors would double the download.
     index = optional_repo_file(model_id, "model.safetensors.index.json", revision=revision, token=token)
     if index is not None:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bare, these would not name the file
+            raise ValueError(f"{index} is not a safetensors index (JSON with a 'weight_map' object): {e!r}") from None
         return [repo_file(model_id, shard, revision=revision, token=token) for shard in shards]
     single = optional_repo_file(model_id, "model.safetensors", revision=revision, token=token)
     if single is None:

@@ -1,5 +1,6 @@
 """The loaders of the API: five architecture classes and the four wrappers that pick a model kind."""
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class LoaderOptions:
     tgt_non_granular_index: int | None
 
     def check(self):
+        if not isinstance(self.model_id, str):
+            raise TypeError(f"model_id must be a str (hub repo id or local directory), got {self.model_id!r}")
         if not isinstance(self.kind, ModelKind):
             raise TypeError(f"kind must be a mistralrs.ModelKind, got {self.kind!r}")
         xlora = self.kind in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML)
@@ -76,6 +79,8 @@ class ArchLoader:
     def __init__(self, model_id=None, kind=ModelKind.Normal, no_kv_cache=False, use_flash_attn=None,
                  repeat_last_n=64, gqa=None, order_file=None, quantized_model_id=None, quantized_filename=None,
                  xlora_model_id=None, chat_template=None, tokenizer_json=None, tgt_non_granular_index=None):
+        if isinstance(model_id, os.PathLike):  # a Path would reach the response JSON as "model" and fail there
+            model_id = os.fspath(model_id)
         self.options = LoaderOptions(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
                                      quantized_model_id, quantized_filename, xlora_model_id, chat_template,
                                      tokenizer_json, tgt_non_granular_index)
@@ -145,7 +150,11 @@ def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dic
     if files.tokenizer_json is None:
         raise FileNotFoundError(f"{model_id} has no tokenizer.json; pass tokenizer_json= to the loader")
     tok_cfg = read_json(files.tokenizer_config) if files.tokenizer_config else {}
-    return Tokenizer.from_file(str(files.tokenizer_json)), tok_cfg
+    try:
+        tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
+    except Exception as e:  # tokenizers raises a bare Exception that does not name the file
+        raise ValueError(f"{files.tokenizer_json} is not a valid tokenizer.json: {e}") from None
+    return tokenizer, tok_cfg
 
 
 def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
