@@ -41,6 +41,7 @@ class _Request:
     created: int = field(default_factory=responses.now)
     out: queue.Queue = field(default_factory=queue.Queue)
     failed: bool = False
+    answered: bool = False  # its final response (or the stream's end) has been sent
 
 
 class ChatCompletionStreamer:
@@ -226,7 +227,7 @@ class Runner:
         except Exception as e:  # a failed step fails only the requests it touched
             log.exception("engine step failed")
             for req in {s.group for s in batch}:
-                if not all(s.finished for s in req.seqs):
+                if not req.answered:
                     self._fail(req, e)
 
     def _advance(self, seq: Sequence, token: int, logprob: float, top) -> None:
@@ -288,6 +289,7 @@ class Runner:
             self._stream(seq, len(seq.text), reason)
         if all(s.finished for s in req.seqs):
             self._send(req, _END if req.stream else self._response(req))
+            req.answered = True
 
     def _response(self, req: _Request) -> str:
         p = self.pipeline
@@ -304,7 +306,7 @@ class Runner:
         return responses.completion(req.id, p.model_id, req.created, choices, use)
 
     def _fail(self, req: _Request, error: BaseException) -> None:
-        req.failed = True
+        req.failed = req.answered = True
         for seq in req.seqs:
             self.scheduler.remove(seq)
             seq.finish_reason = seq.finish_reason or "error"

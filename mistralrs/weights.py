@@ -16,10 +16,17 @@ def rename(name: str, renames: list[tuple[str, str]]) -> str:
     return name
 
 
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type, which does not name the file
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
 def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: torch.dtype,
                      device: torch.device) -> dict[str, torch.Tensor]:
     """Every tensor of the files, renamed to our module names and cast to `dtype`, with a progress bar."""
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    handles = [_open(f) for f in files]
     total = sum(len(h.keys()) for h in handles)
     state = {}
     with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:

@@ -5,7 +5,8 @@ import torch
 from mistralrs.kernels import paged_attention as triton_ops
 from mistralrs.kernels import reference
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
 def make_case(q_lens, ctx_lens, H, KVH, D, BS, dtype, seed=0):
@@ -40,6 +41,9 @@ CASES = {
     "non_power_of_two_heads_d80": ([9, 1], [9, 30], 6, 3, 80, 16),
     "block_32_mha": ([20, 1], [20, 45], 4, 4, 64, 32),
     "odd_block_size": ([11, 1], [11, 23], 4, 2, 64, 5),
+    "head_dim_96": ([6, 1], [6, 18], 4, 2, 96, 16),
+    "gemma_mqa_d256": ([5, 1], [5, 20], 4, 1, 256, 16),
+    "block_256": ([3, 1], [3, 300], 4, 2, 64, 256),
 }
 
 
@@ -115,3 +119,26 @@ def test_greedy_generation_with_triton_ops_equals_reference(tiny_models, monkeyp
         expected = greedy(mr, ids, 12)
         monkeypatch.setattr(kernels, "BACKEND", "triton")
         assert greedy(mr, ids, 12) == expected
+
+
+GPU_CASES = {
+    "prefill_ragged_mistral": ([1000, 37, 513], [1000, 37, 513], 32, 8, 128, 16),
+    "chunked_prefill_phi2": ([256, 1], [2048, 700], 32, 32, 80, 32),
+    "decode_long_context": ([1, 1, 1, 1], [32768, 4000, 17, 1], 32, 8, 128, 16),
+    "decode_gemma_d256_block_128": ([1, 1], [5000, 300], 8, 1, 256, 128),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("window", [None, 4096], ids=["no_window", "window_4096"])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_real_sizes(case, window, dtype):
+    q, k_cache, v_cache, tables, lens, cu = (t.cuda() for t in make_case(*GPU_CASES[case], dtype))
+    scale = q.shape[-1] ** -0.5
+    ref = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, cu, scale, window)
+    ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window)
+    torch.testing.assert_close(ours.float(), ref, **TOL[dtype])
+    if q.shape[0] == lens.shape[0]:  # all decode
+        ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, scale, window)
+        torch.testing.assert_close(ours.float(), ref, **TOL[dtype])

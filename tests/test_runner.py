@@ -295,3 +295,14 @@ def test_logfile_has_requests_and_responses(tiny_models, tmp_path):
         runner.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=3))
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert "request" in lines[0] and lines[1]["response"]["object"] == "text_completion"
+
+
+def test_failure_while_building_the_response_fails_the_request(llama, monkeypatch):
+    def broken(req):
+        raise RuntimeError("injected response failure")
+
+    monkeypatch.setattr(llama, "_response", broken)
+    with pytest.raises(RuntimeError, match="injected response"):
+        llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2))
+    monkeypatch.undo()
+    assert json.loads(llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2)))["choices"]
