@@ -25,7 +25,7 @@ def parse_args(argv=None):
     ap.add_argument("--quantized-model-id", default="", help="hub repo holding --gguf ('' = local path)")
     ap.add_argument("--dtype", choices=DTYPES, help="weights dtype (default: bf16 on CUDA, f32 on CPU)")
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--token-source", default="cache", choices=["cache", "literal", "envvar", "path", "none"])
     ap.add_argument("--token-source-value")

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from . import chat_template, responses
 from .grammar import GrammarCompiler, allowed_tokens
@@ -210,20 +211,26 @@ class Runner:
             self._step()
 
     def _step(self) -> None:
-        batch, too_long = self.scheduler.schedule()
-        for seq in too_long:
-            self._finish(seq, "length")
+        # The record_function ranges name the phases in a torch.profiler trace (tools/profile.py); they cost
+        # nothing when no profiler runs.
+        with record_function("mistralrs.schedule"):
+            batch, too_long = self.scheduler.schedule()
+            for seq in too_long:
+                self._finish(seq, "length")
         if not batch:
             return
         try:
-            logits = self.pipeline.model_runner.step(batch)
-            n = self.pipeline.repeat_last_n
-            allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
-            sampled = sample(logits, [s.params for s in batch], [s.tokens[-n:] if n else [] for s in batch],
-                             [s.generator for s in batch], allowed)
-            for seq, tok, lp, top in zip(batch, sampled.tokens, sampled.logprobs, sampled.top):
-                if not seq.group.failed:
-                    self._advance(seq, tok, lp, top)
+            with record_function("mistralrs.forward"):
+                logits = self.pipeline.model_runner.step(batch)
+            with record_function("mistralrs.sample"):
+                n = self.pipeline.repeat_last_n
+                allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
+                sampled = sample(logits, [s.params for s in batch], [s.tokens[-n:] if n else [] for s in batch],
+                                 [s.generator for s in batch], allowed)
+            with record_function("mistralrs.detokenize"):
+                for seq, tok, lp, top in zip(batch, sampled.tokens, sampled.logprobs, sampled.top):
+                    if not seq.group.failed:
+                        self._advance(seq, tok, lp, top)
         except Exception as e:  # a failed step fails only the requests it touched
             log.exception("engine step failed")
             for req in {s.group for s in batch}:
