@@ -83,6 +83,6 @@ def record(benchmark, device, limits):
     """record(**figures): attach the case's facts and derived figures to the benchmark's JSON row."""
     def _record(**figures):
         benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, triton=triton.__version__,
-                                    commit=git_commit(), copy_gbps=round(limits["copy_gbps"], 1),
-                                    matmul_tflops=round(limits["matmul_tflops"], 1), **figures)
+                                    commit=git_commit(), copy_gbps=float(f"{limits['copy_gbps']:.3g}"),
+                                    matmul_tflops=float(f"{limits['matmul_tflops']:.3g}"), **figures)
     return _record

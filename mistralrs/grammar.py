@@ -6,7 +6,6 @@ grammar's end token: EOS is allowed exactly when the text so far is a complete m
 import threading
 
 import llguidance
-import llguidance.torch
 from llguidance.gbnf_to_lark import gbnf_to_lark
 import torch
 from tokenizers import Tokenizer
@@ -55,6 +54,7 @@ def allowed_tokens(matchers: list, vocab_size: int, device: torch.device) -> tor
     """[B, V] bool mask of the tokens each row's grammar allows (all tokens for rows without one)."""
     if not any(matchers):
         return None
+    import llguidance.torch  # imported on first use: it compiles a torch function at import time
     bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)  # [B, ceil(V / 32)] int32
     for b, m in enumerate(matchers):
         if m is None:

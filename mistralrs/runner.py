@@ -3,6 +3,7 @@
 caller thread:  validate -> chat template -> tokenize -> Sequences -> inbox
 engine thread:  inbox -> scheduler -> model step -> sample -> detokenize, stop checks -> reply queue / stream
 """
+import contextlib
 import json
 import logging
 import queue
@@ -112,6 +113,22 @@ class Runner:
         req.suffix = request.suffix or ""
         return self._submit(req, request)
 
+    @contextlib.contextmanager
+    def profiler(self, **profile_kwargs):
+        """torch.profiler.profile(**profile_kwargs) recording the engine thread while the block runs
+        (tools/profile.py). The profiler records the thread that starts it, so it is started in the engine."""
+        prof = torch.profiler.profile(**profile_kwargs)
+        self._in_engine(prof.start)
+        try:
+            yield prof
+        finally:
+            self._in_engine(prof.stop)
+
+    def _in_engine(self, fn) -> None:
+        done = threading.Event()
+        self._inbox.put((fn, done))
+        done.wait()
+
     def close(self) -> None:
         """Stop the engine thread. Requests still in flight get an error."""
         self._inbox.put(_STOP)
@@ -203,8 +220,12 @@ class Runner:
                 while True:
                     if item is _STOP:
                         return self._fail_all(RuntimeError("the Runner was closed"))
-                    for seq in item.seqs:
-                        self.scheduler.add(seq)
+                    if isinstance(item, tuple):  # (fn, done): run fn on this thread
+                        item[0]()
+                        item[1].set()
+                    else:
+                        for seq in item.seqs:
+                            self.scheduler.add(seq)
                     item = self._inbox.get_nowait()
             except queue.Empty:
                 pass

@@ -77,14 +77,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
 
-    temperature = col([p.temperature if p.temperature > 0 else 1.0 for p in params])
-    filtered = top_k_top_p_mask(logits / temperature[:, None],
-                                torch.tensor([p.top_k or V for p in params], device=dev),
-                                col([p.top_p or 1.0 for p in params]))
-    probs = torch.softmax(filtered, dim=-1)
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = [greedy[b] if p.temperature == 0 else int(torch.multinomial(probs[b], 1, generator=generators[b]))
-              for b, p in enumerate(params)]
+    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done here
+    rows = [b for b, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        picked = [params[b] for b in rows]
+        scaled = logits[rows] / col([p.temperature for p in picked])[:, None]
+        if any(p.top_k or p.top_p for p in picked):  # the sort over the vocabulary only when a filter is on
+            scaled = top_k_top_p_mask(scaled, torch.tensor([p.top_k or V for p in picked], device=dev),
+                                      col([p.top_p or 1.0 for p in picked]))
+        probs = torch.softmax(scaled, dim=-1)
+        for i, b in enumerate(rows):
+            tokens[b] = int(torch.multinomial(probs[i], 1, generator=generators[b]))
 
     chosen = logprobs[torch.arange(B, device=dev), torch.tensor(tokens, device=dev)].tolist()
     k = max(p.top_logprobs for p in params)

@@ -1,0 +1,32 @@
+"""tools/bench.py renders pytest-benchmark JSON into a table with derived figures and one PNG per module."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("bench_tool", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_render_writes_table_and_plots(tmp_path):
+    info = dict(device="X", torch="t", triton="tr", commit="abc", copy_gbps=3000.0, matmul_tflops=700.0)
+    rows = [
+        {"name": "test_decode[B1-N512]", "fullname": "benchmarks/bench_paged_attention.py::test_decode[B1-N512]",
+         "stats": {"median": 2e-5}, "extra_info": {**info, "gbps": 2500.0, "frac_of_copy_bw": 0.83,
+                                                    "speedup_vs_sdpa": 1.25}},
+        {"name": "test_sample[B1-V10]", "fullname": "benchmarks/bench_sampling.py::test_sample[B1-V10]",
+         "stats": {"median": 1e-4}, "extra_info": {**info, "rows_per_s": 1e4}},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"benchmarks": rows}))
+    load_tool().render(tmp_path)
+    table = (tmp_path / "README.md").read_text()
+    assert "| test_decode[B1-N512] | 2.5e+03 GB/s | 83.0% | 1.25x sdpa | 0.020 ms |" in table
+    assert "copy 3000.0 GB/s" in table
+    for module in ("bench_paged_attention", "bench_sampling"):
+        png = tmp_path / f"{module}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
