@@ -15,8 +15,12 @@ if BACKEND not in BACKENDS:
     raise ValueError(f"MISTRALRS_KERNELS={BACKEND!r}; allowed: {', '.join(BACKENDS)}")
 
 
+def _use_triton(x) -> bool:
+    return BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda)
+
+
 def _impl(x):
-    if BACKEND == "reference" or (BACKEND == "auto" and not x.is_cuda):
+    if not _use_triton(x):
         return reference
     from . import paged_attention  # imported on first use: CPU-only users never load triton
     return paged_attention
@@ -40,4 +44,14 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens
     return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window, softcap)
 
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention", "BACKEND", "BACKENDS"]
+def quant_matmul(x, qweight, qtype, N, K):
+    """x [M, K] @ W.T for GGUF-quantized W [N, K]: fused Triton dequant-matmul for the types that have a kernel
+    (quant_matmul.SUPPORTED), dequantize-then-matmul for the others."""
+    if _use_triton(x):
+        from . import quant_matmul as qmm
+        if qtype in qmm.SUPPORTED:
+            return qmm.quant_matmul(x, qweight, qtype, N, K)
+    return reference.quant_matmul(x, qweight, qtype, N, K)
+
+
+__all__ = ["store_kv", "prefill_attention", "decode_attention", "quant_matmul", "BACKEND", "BACKENDS"]

@@ -49,3 +49,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
         out[start:end] = torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
     return out
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:
+    """x [M, K] @ W.T, W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]): dequantize, then matmul."""
+    from .dequant import dequantize
+    return x @ dequantize(qweight, qtype, (N, K), dtype=x.dtype).T
