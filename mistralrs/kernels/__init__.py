@@ -44,14 +44,15 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens
     return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window, softcap)
 
 
-def quant_matmul(x, qweight, qtype, N, K):
-    """x [M, K] @ W.T for GGUF-quantized W [N, K]: fused Triton dequant-matmul for the types that have a kernel
-    (quant_matmul.SUPPORTED), dequantize-then-matmul for the others."""
+def gguf_matmul(x, qweight, qtype, N, K):
+    """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]): fused Triton dequant-matmul for the
+    types in quant_matmul.SUPPORTED, dequantize-then-matmul for the others. Not named quant_matmul: importing the
+    kernels.quant_matmul module sets that name on this package, which would replace a function of the same name."""
     if _use_triton(x):
-        from . import quant_matmul as qmm
-        if qtype in qmm.SUPPORTED:
-            return qmm.quant_matmul(x, qweight, qtype, N, K)
+        from .quant_matmul import SUPPORTED, quant_matmul
+        if qtype in SUPPORTED:
+            return quant_matmul(x, qweight, qtype, N, K)
     return reference.quant_matmul(x, qweight, qtype, N, K)
 
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention", "quant_matmul", "BACKEND", "BACKENDS"]
+__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "BACKEND", "BACKENDS"]
