@@ -120,7 +120,8 @@ def main() -> None:
     if not a.render_only and run_suite(out, a.quick, a.select) not in (0, 5):
         sys.exit("benchmark run failed")
     render(out)
-    print(f"results: {out / 'README.md'}")
+    print((out / "README.md").read_text())  # achieved figures, fraction of the device limit, ratio to peers
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":
