@@ -1,6 +1,5 @@
 """Sampling: microseconds per step for a batch of rows with every transform on (penalties, bias, top-k, top-p),
 and the rows per second; the peer is the same arithmetic run row by row (what a per-sequence sampler does)."""
-import pytest
 import torch
 
 from mistralrs.sampling import SamplingParams, sample

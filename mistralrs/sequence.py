@@ -1,4 +1,6 @@
-"""A sequence: one choice of a request, from its prompt tokens to its finished text."""
+"""A sequence (one choice of a request, from its prompt tokens to its finished text) and the request it answers."""
+import queue
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -9,7 +11,7 @@ from .sampling import SamplingParams
 
 @dataclass(eq=False)
 class Sequence(SeqState):
-    group: object = None              # the runner's request this sequence answers
+    group: "Request" = None           # the request this sequence answers
     index: int = 0                    # choice index within the request
     prompt_len: int = 0
     max_len: int = 0                  # stop ("length") once the sequence holds this many tokens
@@ -31,3 +33,21 @@ class Sequence(SeqState):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's sequences (its choices, or best_of candidates) and the queue its answers go to."""
+    chat: bool
+    id: str
+    seqs: list[Sequence]
+    n_return: int
+    stream: bool
+    logprobs: bool
+    stop_strings: list[str]
+    echo: str = ""
+    suffix: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    out: queue.Queue = field(default_factory=queue.Queue)
+    failed: bool = False
+    answered: bool = False  # its final response (or the stream's end) has been sent
