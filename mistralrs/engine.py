@@ -34,10 +34,12 @@ class Engine:
         self.inbox.put(req)
 
     def call(self, fn) -> None:
-        """Run fn on the engine thread and wait for it (to start a profiler there, say)."""
-        done = threading.Event()
-        self.inbox.put((fn, done))
+        """Run fn on the engine thread and wait for it (to start a profiler there, say); its error is raised here."""
+        done, errors = threading.Event(), []
+        self.inbox.put((fn, done, errors))
         done.wait()
+        if errors:
+            raise errors[0]
 
     def stop(self) -> None:
         self.inbox.put(STOP)
@@ -51,20 +53,35 @@ class Engine:
     def _loop(self) -> None:
         while True:
             try:
-                item = self.inbox.get(block=not self.scheduler.has_work())
-                while True:
-                    if item is STOP:
-                        return self._fail_all(RuntimeError("the Runner was closed"))
-                    if isinstance(item, tuple):  # (fn, done): run fn on this thread
-                        item[0]()
-                        item[1].set()
-                    else:
-                        for seq in item.seqs:
-                            self.scheduler.add(seq)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
-            self._step()
+                if not self._take_inbox():
+                    return
+                self._step()
+            except Exception as e:  # an engine bug must not leave callers waiting forever
+                log.exception("engine failure")
+                self._fail_all(e)
+
+    def _take_inbox(self) -> bool:
+        """Take what callers queued, waiting for it when there is no work; False once told to stop."""
+        try:
+            item = self.inbox.get(block=not self.scheduler.has_work())
+            while True:
+                if item is STOP:
+                    self._fail_all(RuntimeError("the Runner was closed"))
+                    return False
+                if isinstance(item, tuple):  # (fn, done, errors) from call()
+                    fn, done, errors = item
+                    try:
+                        fn()
+                    except Exception as e:
+                        errors.append(e)
+                    finally:
+                        done.set()
+                else:
+                    for seq in item.seqs:
+                        self.scheduler.add(seq)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return True
 
     def _step(self) -> None:
         # The record_function ranges name the phases in a torch.profiler trace (tools/profile.py); they cost

@@ -306,3 +306,22 @@ def test_failure_while_building_the_response_fails_the_request(llama, monkeypatc
         llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2))
     monkeypatch.undo()
     assert json.loads(llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2)))["choices"]
+
+
+def test_engine_bug_outside_a_step_fails_requests_and_the_engine_lives_on(llama, monkeypatch):
+    schedule = llama.scheduler.schedule
+    calls = []
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected scheduler bug")
+        return schedule()
+
+    monkeypatch.setattr(llama.scheduler, "schedule", broken)
+    with pytest.raises(RuntimeError, match="injected scheduler"):
+        llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2))
+    assert json.loads(llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2)))["choices"]
+    with pytest.raises(ZeroDivisionError):
+        llama.engine.call(lambda: 1 / 0)
+    assert llama.engine.thread.is_alive()
