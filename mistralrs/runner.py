@@ -12,7 +12,7 @@ import uuid
 import torch
 
 from . import chat_template
-from .engine import END, Engine
+from .engine import END, STOP, Engine
 from .grammar import GrammarCompiler
 from .requests import ChatCompletionRequest, CompletionRequest
 from .sampling import SamplingParams
@@ -53,8 +53,10 @@ class Runner:
         self.truncate_sequence = truncate_sequence
         self.scheduler = Scheduler(pipeline.model_runner, max_seqs)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
-        self._logfile, self._log_lock = logfile, threading.Lock()
-        self.engine = Engine(pipeline, self.scheduler, on_response=lambda r: self._log("response", r))
+        self._log = JsonLines(logfile)
+        # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
+        log_response = self._log
+        self.engine = Engine(pipeline, self.scheduler, on_response=lambda r: log_response("response", r))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):
@@ -102,6 +104,11 @@ class Runner:
     def close(self) -> None:
         """Stop the engine thread. Requests still in flight get an error."""
         self.engine.stop()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.thread.is_alive():
+            engine.inbox.put(STOP)  # no join: __del__ may run on any thread, the engine's own included
 
     def __enter__(self):
         return self
@@ -167,8 +174,15 @@ class Runner:
             raise result
         return result
 
-    def _log(self, kind: str, payload) -> None:
-        if self._logfile is None:
+
+class JsonLines:
+    """The `logfile`: one JSON object a line per request, response and chunk (None: no log)."""
+
+    def __init__(self, path: str | None):
+        self.path, self.lock = path, threading.Lock()
+
+    def __call__(self, kind: str, payload) -> None:
+        if self.path is None:
             return
-        with self._log_lock, open(self._logfile, "a") as f:
+        with self.lock, open(self.path, "a") as f:
             f.write(json.dumps({"time": time.time(), kind: payload}) + "\n")

@@ -325,3 +325,13 @@ def test_engine_bug_outside_a_step_fails_requests_and_the_engine_lives_on(llama,
     with pytest.raises(ZeroDivisionError):
         llama.engine.call(lambda: 1 / 0)
     assert llama.engine.thread.is_alive()
+
+
+def test_a_dropped_runner_stops_its_engine(tiny_models):
+    import gc
+    runner = load(tiny_models["llama"])
+    thread = runner.engine.thread
+    del runner
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
