@@ -55,3 +55,17 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) 
     """x [M, K] @ W.T, W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]): dequantize, then matmul."""
     from .dequant import dequantize
     return x @ dequantize(qweight, qtype, (N, K), dtype=x.dtype).T
+
+
+def xlora_mix(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
+              adapter_scale: torch.Tensor) -> torch.Tensor:
+    """X-LoRA delta of one linear, added by the caller to the base output; fp32 inside, x's dtype out.
+
+    x [T, K], lora_a [A, R, K], lora_b [A, N, R] (smaller ranks zero-padded to R), scalings [T, A] per token,
+    adapter_scale [A] = alpha_a / r_a * global_scaling_weight:
+        delta[t] = sum_a scalings[t, a] * adapter_scale[a] * (lora_b[a] @ (lora_a[a] @ x[t]))
+    The original scales x by scalings before A; scaling A's output instead is the same, A being linear.
+    """
+    h = torch.einsum("tk,ark->tar", x.float(), lora_a.float())  # [T, A, R]
+    h = h * (scalings.float() * adapter_scale.float())[:, :, None]
+    return torch.einsum("tar,anr->tn", h, lora_b.float()).to(x.dtype)
