@@ -55,4 +55,13 @@ def gguf_matmul(x, qweight, qtype, N, K):
     return reference.quant_matmul(x, qweight, qtype, N, K)
 
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "BACKEND", "BACKENDS"]
+def xlora_delta(x, lora_a, lora_b, scalings, adapter_scale):
+    """X-LoRA delta of one linear, to add to its base output: sum_a scalings[:, a] * adapter_scale[a] *
+    (x @ lora_a[a].T @ lora_b[a].T). Not named xlora_mix, for the same reason as gguf_matmul."""
+    if _use_triton(x):
+        from .xlora_mix import xlora_mix
+        return xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
+    return reference.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
+
+
+__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "xlora_delta", "BACKEND", "BACKENDS"]
