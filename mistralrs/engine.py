@@ -111,33 +111,42 @@ class Engine:
                     self._fail(req, e)
 
     def _advance(self, seq: Sequence, token: int, logprob: float, top) -> None:
-        p = self.pipeline
         seq.tokens.append(token)
         seq.cum_logprob += logprob
         if seq.group.logprobs:
             seq.logprobs.append((token, logprob, top))
-        completion = seq.completion
-        reason = None
-        if token in p.eos_token_ids or token in seq.stop_token_ids:
-            reason, completion = "stop", completion[:-1]
+        reason, text_end = None, len(seq.tokens)
+        if token in self.pipeline.eos_token_ids or token in seq.stop_token_ids:
+            reason, text_end = "stop", text_end - 1  # the stop token is not part of the text
         elif seq.matcher is not None and (not seq.matcher.consume_token(token) or seq.matcher.is_stopped()):
             reason = "stop"  # the grammar is complete and allows nothing more
         elif len(seq.tokens) >= seq.max_len:
             reason = "length"
-        text = p.tokenizer.decode(completion, skip_special_tokens=True)
-        for s in seq.group.stop_strings:
-            at = text.find(s)
+        searched_from = len(seq.text)
+        self._detokenize(seq, text_end, final=reason is not None)
+        for s in seq.group.stop_strings:  # only where new text could complete a stop string
+            at = seq.text.find(s, max(0, searched_from - len(s) + 1))
             if at >= 0:
-                text, reason = text[:at], "stop"
-        seq.text = text
+                seq.text, reason = seq.text[:at], "stop"
         if reason is not None:
             self._finish(seq, reason)
         elif seq.group.stream:
             self._stream(seq, self._settled(seq))
 
+    def _detokenize(self, seq: Sequence, end: int, final: bool) -> None:
+        """Extend seq.text with the text of tokens[read_offset:end], decoding only a short window: the text that
+        tokens[prefix_offset:end] adds to tokens[prefix_offset:read_offset] (a token's text can depend on the one
+        before it). A tail that is not yet whole UTF-8 waits for the next token, unless the sequence is ending."""
+        decode = self.pipeline.tokenizer.decode
+        before = decode(seq.tokens[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        after = decode(seq.tokens[seq.prefix_offset:end], skip_special_tokens=True)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            seq.text += after[len(before):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, end
+
     def _settled(self, seq: Sequence) -> int:
-        """How much of seq.text can be streamed: not an incomplete UTF-8 tail, not a possible stop-string start."""
-        text = seq.text.rstrip("\ufffd")
+        """How much of seq.text can be streamed: not a possible start of a stop string."""
+        text = seq.text
         held = max((k for s in seq.group.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         return len(text) - held
 

@@ -161,7 +161,8 @@ class Runner:
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
             req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
-                                     params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids)))
+                                     params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
+                                     prefix_offset=len(ids), read_offset=len(ids)))
         return req
 
     def _submit(self, req: Request, request):

@@ -24,6 +24,8 @@ class Sequence(SeqState):
     finish_reason: str | None = None
     text: str = ""                    # completion text decided so far (stop strings cut, special tokens skipped)
     streamed: int = 0                 # characters of `text` already sent to a stream
+    prefix_offset: int = 0            # incremental detokenization window: tokens[prefix_offset:read_offset] is
+    read_offset: int = 0              # already in `text` (both start at prompt_len)
     logprobs_streamed: int = 0        # entries of `logprobs` already sent to a stream
 
     @property
