@@ -1,4 +1,5 @@
-"""Model hyperparameters: the fields every architecture shares, read from a Hugging Face config.json."""
+"""Model hyperparameters: the fields every architecture shares, read from a Hugging Face config.json or from the
+metadata of a GGUF file (llama.cpp's key names)."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,3 +55,55 @@ def common_hf_fields(cfg: dict, *, norm_eps_key: str = "rms_norm_eps") -> dict:
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         hidden_act=cfg.get("hidden_act", "silu"),
     )
+
+
+GGUF = "GGUF metadata"
+
+
+def gguf_get(md: dict, key: str, default=None):
+    """`{general.architecture}.key` of GGUF metadata."""
+    return md.get(f"{md.get('general.architecture')}.{key}", default)
+
+
+def gguf_require(md: dict, key: str):
+    return require(md, f"{md.get('general.architecture')}.{key}", GGUF)
+
+
+def _gguf_rope_scaling(md: dict) -> dict | None:
+    kind = gguf_get(md, "rope.scaling.type", "none")
+    factor = gguf_get(md, "rope.scaling.factor") or gguf_get(md, "rope.scale_linear")
+    if kind == "linear" or (kind == "none" and factor not in (None, 1.0)):
+        return {"rope_type": "linear", "factor": factor}
+    if kind != "none":
+        raise ValueError(f"{GGUF}: rope scaling type {kind!r} is not supported; supported: none, linear "
+                         f"(Llama 3 scaling comes as the rope_freqs tensor)")
+    return None
+
+
+def common_gguf_fields(md: dict, *, norm_eps_key: str = "attention.layer_norm_rms_epsilon") -> dict:
+    """The ModelArgs fields as llama.cpp's GGUF metadata spells them (`llama.embedding_length`, ...)."""
+    require(md, "general.architecture", GGUF)
+    hidden, heads = gguf_require(md, "embedding_length"), gguf_require(md, "attention.head_count")
+    kv_heads = gguf_get(md, "attention.head_count_kv", heads)
+    if isinstance(heads, list) or isinstance(kv_heads, list):
+        raise ValueError(f"{GGUF}: per-layer attention head counts are not supported")
+    return dict(
+        vocab_size=gguf_require(md, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=gguf_require(md, "feed_forward_length"),
+        num_hidden_layers=gguf_require(md, "block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=gguf_get(md, "attention.key_length") or hidden // heads,
+        max_position_embeddings=gguf_get(md, "context_length", 4096),
+        norm_eps=gguf_get(md, norm_eps_key, 1e-5),
+        rope_theta=gguf_get(md, "rope.freq_base", 10000.0),
+        rope_scaling=_gguf_rope_scaling(md),
+    )
+
+
+def gguf_no_experts(md: dict) -> None:
+    """A llama-architecture GGUF with experts is a Mixtral."""
+    if gguf_get(md, "expert_count", 0):
+        raise ValueError(f"{GGUF}: this is a mixture-of-experts model ({md['general.architecture']}.expert_count = "
+                         f"{gguf_get(md, 'expert_count')}); load it with MixtralLoader")

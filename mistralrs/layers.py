@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .kernels.dequant import dequantize, row_bytes
 
 
 @dataclass
@@ -104,6 +105,55 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
     rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight stays in its GGUF block format: qweight uint8 [N, row_bytes] (N = out_features rows of
+    K = in_features weights), multiplied by kernels.gguf_matmul. Swapped in for nn.Linear at load time."""
+
+    def __init__(self, in_features: int, out_features: int, qtype, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
+        self.register_buffer("qweight", torch.empty(out_features, row_bytes(qtype, in_features), dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, qtype) -> "QuantLinear":
+        with torch.device(linear.weight.device):
+            return cls(linear.in_features, linear.out_features, qtype, linear.bias is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [M, K]
+        out = kernels.gguf_matmul(x2.contiguous(), self.qweight, self.qtype, self.out_features, self.in_features)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """An Embedding kept in its GGUF block format: the rows of the looked-up tokens are dequantized to `dtype`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.qtype, self.dtype = num_embeddings, embedding_dim, qtype, dtype
+        self.register_buffer("qweight", torch.empty(num_embeddings, row_bytes(qtype, embedding_dim),
+                                                    dtype=torch.uint8))
+
+    @classmethod
+    def like(cls, embedding: nn.Embedding, qtype, dtype: torch.dtype) -> "QuantEmbedding":
+        with torch.device(embedding.weight.device):
+            return cls(embedding.num_embeddings, embedding.embedding_dim, qtype, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids.reshape(-1)]  # [T, row_bytes]
+        x = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.dtype)
+        return x.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
 
 
 class Attention(nn.Module):

@@ -1,11 +1,29 @@
 """Mistral: Llama's graph plus sliding-window attention (each token sees the last `sliding_window` positions)."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_hf_fields
+from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_no_experts
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("mistral",)
 HF_RENAMES: list[tuple[str, str]] = []
+
+# llama.cpp writes Mistral as a "llama" model, without its sliding window.
+GGUF_ARCHITECTURES = ("llama",)
+# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over.
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
 
 
 @dataclass
@@ -13,6 +31,11 @@ class MistralArgs(ModelArgs):
     @classmethod
     def from_hf(cls, cfg: dict) -> "MistralArgs":
         return cls(**common_hf_fields(cfg), sliding_window=cfg.get("sliding_window"))
+
+    @classmethod
+    def from_gguf(cls, md: dict) -> "MistralArgs":
+        gguf_no_experts(md)
+        return cls(**common_gguf_fields(md), sliding_window=gguf_get(md, "attention.sliding_window"))
 
 
 Args = MistralArgs

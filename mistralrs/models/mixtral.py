@@ -1,11 +1,35 @@
 """Mixtral: Mistral's attention with a sparse mixture of SwiGLU experts (top-k routing) in place of the MLP."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_hf_fields, require
+from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require, require
 from ..layers import Attention, CausalLM, PreNormBlock, RMSNorm, Rotary, SparseMoE
 
 MODEL_TYPES = ("mixtral",)
 HF_RENAMES = [(".block_sparse_moe.", ".mlp.")]
+
+# llama.cpp writes Mixtral as a "llama" model with llama.expert_count set.
+GGUF_ARCHITECTURES = ("llama",)
+# llama.cpp's tensor names -> ours ({i} layer, {e} expert); the .weight / .bias suffix carries over.
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate_inp": "model.layers.{i}.mlp.gate",
+    # the experts stacked in one [E, ...] tensor each ...
+    "blk.{i}.ffn_gate_exps": "model.layers.{i}.mlp.experts.{e}.w1",
+    "blk.{i}.ffn_down_exps": "model.layers.{i}.mlp.experts.{e}.w2",
+    "blk.{i}.ffn_up_exps": "model.layers.{i}.mlp.experts.{e}.w3",
+    # ... or, in files from before April 2024, one tensor per expert
+    "blk.{i}.ffn_gate.{e}": "model.layers.{i}.mlp.experts.{e}.w1",
+    "blk.{i}.ffn_down.{e}": "model.layers.{i}.mlp.experts.{e}.w2",
+    "blk.{i}.ffn_up.{e}": "model.layers.{i}.mlp.experts.{e}.w3",
+}
 
 
 @dataclass
@@ -18,6 +42,12 @@ class MixtralArgs(ModelArgs):
         return cls(**common_hf_fields(cfg), sliding_window=cfg.get("sliding_window"),
                    num_local_experts=require(cfg, "num_local_experts"),
                    num_experts_per_tok=require(cfg, "num_experts_per_tok"))
+
+    @classmethod
+    def from_gguf(cls, md: dict) -> "MixtralArgs":
+        return cls(**common_gguf_fields(md), sliding_window=gguf_get(md, "attention.sliding_window"),
+                   num_local_experts=gguf_require(md, "expert_count"),
+                   num_experts_per_tok=gguf_require(md, "expert_used_count"))
 
 
 Args = MixtralArgs
