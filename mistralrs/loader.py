@@ -10,6 +10,10 @@ from tokenizers import Tokenizer
 from . import chat_template, hub
 from .block_manager import BlockManager
 from .config import read_json
+from .ggml import read_ggml
+from .gguf_file import read_gguf
+from .gguf_model import load_gguf_model
+from .gguf_tokenizer import tokenizer_from_gguf
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .requests import ModelKind, model_dtype
@@ -54,12 +58,13 @@ class LoaderOptions:
     tgt_non_granular_index: int | None
 
     def check(self):
-        if not isinstance(self.model_id, str):
-            raise TypeError(f"model_id must be a str (hub repo id or local directory), got {self.model_id!r}")
         if not isinstance(self.kind, ModelKind):
             raise TypeError(f"kind must be a mistralrs.ModelKind, got {self.kind!r}")
         xlora = self.kind in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML)
         quantized = self.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
+        # A GGUF file can carry its own tokenizer, so a quantized model needs no model_id.
+        if not isinstance(self.model_id, str) and not (quantized and self.model_id is None):
+            raise TypeError(f"model_id must be a str (hub repo id or local directory), got {self.model_id!r}")
         for name, needed in (("order_file", xlora), ("xlora_model_id", xlora),
                              ("quantized_model_id", quantized), ("quantized_filename", quantized)):
             given = getattr(self, name) is not None
@@ -84,28 +89,36 @@ class ArchLoader:
         self.options = LoaderOptions(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
                                      quantized_model_id, quantized_filename, xlora_model_id, chat_template,
                                      tokenizer_json, tgt_non_granular_index)
-        if model_id is not None:
+        if model_id is not None or kind is not ModelKind.Normal:
             self.options.check()
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
-             token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16):
+             token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
+             quantized_revision=None):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
-        tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block)."""
+        tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
+        `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's)."""
         from .runner import Runner
 
         o = self.options
-        if o.model_id is None:
+        quantized = o.kind in (ModelKind.QuantizedGGUF, ModelKind.QuantizedGGML)
+        if o.model_id is None and not quantized:
             raise ValueError(f"{type(self).__name__} needs a model_id to load")
         o.check()
-        if o.kind is not ModelKind.Normal:
-            raise NotImplementedError(f"model kind {o.kind.name} is not supported yet; only Normal loads today")
+        if o.kind is not ModelKind.Normal and not quantized:
+            raise NotImplementedError(f"model kind {o.kind.name} is not supported yet")
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        pipeline = self._load_normal(token, revision, model_dtype(dtype, device), device, kv_cache_tokens, block_size)
+        dtype = model_dtype(dtype, device)
+        if quantized:
+            pipeline = self._load_quantized(token, revision, quantized_revision, dtype, device, kv_cache_tokens,
+                                            block_size)
+        else:
+            pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
 
     def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size) -> Pipeline:
@@ -130,6 +143,76 @@ class ArchLoader:
             max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n,
             device=device, dtype=dtype)
 
+    def quantized_base(self, token, quantized_revision, dtype, device):
+        """(model, args, file) of a GGUF or GGML model, weights kept quantized; also the base of X-LoRA on GGUF/GGML."""
+        o, m = self.options, self.module
+        path = quantized_path(o.quantized_model_id, o.quantized_filename, quantized_revision, token)
+        if o.kind in (ModelKind.QuantizedGGUF, ModelKind.XLoraGGUF):
+            qfile = read_gguf(path)
+        elif m is not llama:
+            raise ValueError(f"legacy GGML files hold Llama models only; {type(self).__name__} loads GGUF files "
+                             f"(is_gguf=True)")
+        else:
+            qfile = read_ggml(path, gqa=o.gqa or 1)
+        model, args = load_gguf_model(m, qfile, dtype, device, type(self).__name__)
+        return model, args, qfile
+
+    def _load_quantized(self, token, revision, quantized_revision, dtype, device, kv_cache_tokens,
+                        block_size) -> Pipeline:
+        o = self.options
+        model, args, qfile = self.quantized_base(token, quantized_revision, dtype, device)
+        tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(o, qfile, revision, token)
+        template, special = chat_template.resolve(o.chat_template, tok_cfg)
+        md = qfile.metadata
+        cfg = {"eos_token_id": [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+                                if isinstance(md.get(k), int)]}
+        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size)
+        return Pipeline(
+            model_id=o.model_id or o.quantized_filename, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache),
+            tokenizer=tokenizer, chat_template=template, special_tokens=special,
+            eos_token_ids=eos_ids(tokenizer, special, cfg, gen_cfg), max_model_len=args.max_position_embeddings,
+            vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
+
+
+def quantized_path(repo_id: str, filename: str, revision: str | None, token) -> Path:
+    """quantized_model_id "" means quantized_filename is a local path; otherwise a file of that repo (or local dir)."""
+    if not isinstance(filename, str) or not filename:
+        raise ValueError(f"quantized_filename must be a non-empty str, got {filename!r}")
+    if repo_id == "":
+        path = Path(filename)
+        if not path.is_file():
+            raise FileNotFoundError(f"quantized_filename {filename!r} does not exist or is not a file "
+                                    f"(quantized_model_id=\"\" means a local path)")
+        return path
+    if not isinstance(repo_id, str):
+        raise TypeError(f"quantized_model_id must be a str (hub repo id, local directory, or \"\"), got {repo_id!r}")
+    return hub.repo_file(repo_id, filename, revision=revision or "main", token=token)
+
+
+def quantized_tokenizer(o: "LoaderOptions", qfile, revision, token) -> tuple[Tokenizer, dict, dict]:
+    """Tokenizer, tokenizer_config and generation_config of a GGUF/GGML model: tokenizer_json, else model_id's
+    tokenizer.json, else the file's own tokenizer.ggml.* metadata. model_id's tokenizer_config.json (chat template,
+    special tokens) wins over the file's; no config.json is read."""
+    kw = dict(revision=revision, token=token)
+    path, tok_cfg, gen_cfg = None, {}, {}
+    if o.tokenizer_json is not None:
+        path = Path(o.tokenizer_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer_json {o.tokenizer_json!r} does not exist or is not a file")
+    if o.model_id is not None:
+        path = path or hub.optional_repo_file(o.model_id, "tokenizer.json", **kw)
+        if p := hub.optional_repo_file(o.model_id, "tokenizer_config.json", **kw):
+            tok_cfg = read_json(p)
+        if p := hub.optional_repo_file(o.model_id, "generation_config.json", **kw):
+            gen_cfg = read_json(p)
+    has_vocab = bool(qfile.metadata.get("tokenizer.ggml.tokens"))
+    if path is None and not has_vocab:
+        raise FileNotFoundError(f"{qfile.path} carries no tokenizer (tokenizer.ggml.*) and none was given: pass "
+                                f"model_id (a repo with tokenizer.json) or tokenizer_json")
+    file_tok, file_cfg = tokenizer_from_gguf(qfile.metadata, qfile.path) if has_vocab else (None, {})
+    tokenizer = tokenizer_from_file(path) if path is not None else file_tok
+    return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg
+
 
 def kv_blocks(args, dtype, device, kv_cache_tokens, block_size) -> BlockManager:
     per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
@@ -150,11 +233,14 @@ def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dic
     if files.tokenizer_json is None:
         raise FileNotFoundError(f"{model_id} has no tokenizer.json; pass tokenizer_json= to the loader")
     tok_cfg = read_json(files.tokenizer_config) if files.tokenizer_config else {}
+    return tokenizer_from_file(files.tokenizer_json), tok_cfg
+
+
+def tokenizer_from_file(path: Path) -> Tokenizer:
     try:
-        tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
+        return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception that does not name the file
-        raise ValueError(f"{files.tokenizer_json} is not a valid tokenizer.json: {e}") from None
-    return tokenizer, tok_cfg
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
 
 
 def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
