@@ -452,7 +452,8 @@ def test_agrees_with_llama_cpp(gguf_file, arch, qtype):
     if qtype == "f32":
         assert agree == 32 and gap < 0.01
     else:
-        assert gap < (0.8 if qtype == "q8_0" else 0.2) * quant_error
+        # measured: Q8_0 0.56-0.75 (Q8_0's own error is about the size of llama.cpp's activation rounding), Q4_0 < 0.1
+        assert gap < (1.0 if qtype == "q8_0" else 0.2) * quant_error
 
 
 # ---- quantized_model_id on the hub: its own revision ----
