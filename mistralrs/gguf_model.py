@@ -1,7 +1,7 @@
 """A model from a GGUF file (or a legacy GGML file read into the same form).
 
 The model is built on the meta device from `Args.from_gguf(metadata)` as for safetensors. Then llama.cpp's tensor
-names go through the architecture's literal GGUF_NAMES map, the layout changes of llama.cpp's converter are undone,
+names go through the architecture's literal GGUF_NAMES map (GGUF_BASE_NAMES below plus its MLP's), the layout changes of llama.cpp's converter are undone,
 each nn.Linear / nn.Embedding whose weight the file stores quantized is swapped for QuantLinear / QuantEmbedding
 holding the bytes as stored, and everything else (F32/F16/BF16 tensors) is loaded in the activation dtype.
 """
@@ -23,6 +23,26 @@ PERMUTED_QK = ("llama",)
 NORM_PLUS_ONE = ("gemma",)
 LOADERS = {"llama": "LlamaLoader, MistralLoader or MixtralLoader (when llama.expert_count is set)",
            "gemma": "GemmaLoader", "phi2": "Phi2Loader"}
+
+# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over. Every architecture has
+# these; each model file's GGUF_NAMES adds the names of its MLP.
+GGUF_BASE_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+}
+# The pre-norm block's gated MLP (Llama, Mistral, Gemma).
+GGUF_GATED_MLP_NAMES = {
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERT = re.compile(r"\.(\d+)$")

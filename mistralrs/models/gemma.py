@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from ..config import ModelArgs, common_gguf_fields, common_hf_fields
+from ..gguf_model import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("gemma",)
@@ -9,21 +10,7 @@ HF_RENAMES: list[tuple[str, str]] = []
 
 # llama.cpp's converter stores Gemma's norm weights as 1 + w and leaves out `output` (tied to token_embd).
 GGUF_ARCHITECTURES = ("gemma",)
-# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over.
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
-    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
-    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
-    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
-    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
-}
+GGUF_NAMES = {**GGUF_BASE_NAMES, **GGUF_GATED_MLP_NAMES}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 
 from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require, require
+from ..gguf_model import GGUF_BASE_NAMES
 from ..layers import Attention, CausalLM, PreNormBlock, RMSNorm, Rotary, SparseMoE
 
 MODEL_TYPES = ("mixtral",)
@@ -11,14 +12,7 @@ HF_RENAMES = [(".block_sparse_moe.", ".mlp.")]
 GGUF_ARCHITECTURES = ("llama",)
 # llama.cpp's tensor names -> ours ({i} layer, {e} expert); the .weight / .bias suffix carries over.
 GGUF_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    **GGUF_BASE_NAMES,
     "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
     "blk.{i}.ffn_gate_inp": "model.layers.{i}.mlp.gate",
     # the experts stacked in one [E, ...] tensor each ...

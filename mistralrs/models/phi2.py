@@ -4,26 +4,19 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get
+from ..gguf_model import GGUF_BASE_NAMES
 from ..layers import Attention, CausalLM, ParallelBlock, Rotary, activation
 
 MODEL_TYPES = ("phi",)
 HF_RENAMES = [(".self_attn.dense.", ".self_attn.o_proj."), ("model.final_layernorm.", "model.norm.")]
 
 GGUF_ARCHITECTURES = ("phi2",)
-# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over.
 GGUF_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    **GGUF_BASE_NAMES,
     # q, k and v are separate in files converted from Hugging Face checkpoints, fused (rows q | k | v) in files
     # converted from Microsoft's original ones
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
     "blk.{i}.attn_qkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
                          "model.layers.{i}.self_attn.v_proj"),
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
     "blk.{i}.ffn_up": "model.layers.{i}.mlp.fc1",
     "blk.{i}.ffn_down": "model.layers.{i}.mlp.fc2",
 }
