@@ -2,7 +2,6 @@
 layout), through QuantizedLoader, against llama-cpp-python running the same file in the same run."""
 import importlib.util
 import json
-import time
 from pathlib import Path
 
 import pytest

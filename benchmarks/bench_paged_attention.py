@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mistralrs.kernels import paged_attention as triton_ops
 from mistralrs.kernels import reference
 
-from conftest import is_quick, timed
+from conftest import is_quick, measure, timed
 
 BS = 16
 FULL = dict(heads=(32, 8, 128), dtype=torch.bfloat16, decode=[(b, n) for b in (1, 8, 64, 256) for n in (512, 4096, 32768)],
@@ -37,15 +37,6 @@ def paged_cache(B, N, kvh, d, dtype, device):
     return k_cache, v_cache, tables, lens, k, v
 
 
-def run(benchmark, fn):
-    """Time fn with pytest-benchmark (GPU-synchronised); returns the median in seconds."""
-    def call():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    benchmark.pedantic(call, rounds=20, warmup_rounds=2)
-    return benchmark.stats.stats.median
-
 
 def test_decode(benchmark, record, quick, device, limits, decode_shape):
     (h, kvh, d), dtype = (QUICK if quick else FULL)["heads"], (QUICK if quick else FULL)["dtype"]
@@ -57,7 +48,7 @@ def test_decode(benchmark, record, quick, device, limits, decode_shape):
     q = torch.randn(B, h, d, dtype=dtype, device=device)
     cu = torch.arange(B + 1, dtype=torch.int32, device=device)
     args = (q, k_cache, v_cache, tables, lens, cu, d ** -0.5)
-    ours = run(benchmark, lambda: triton_ops.paged_decode_attention(*args))
+    ours = measure(benchmark, lambda: triton_ops.paged_decode_attention(*args))
     sdpa = timed(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True))
     ref = timed(lambda: reference.paged_attention(*args), reps=3)
     record(op="paged_decode_attention", batch=B, context=N, heads=h, kv_heads=kvh, head_dim=d, dtype=str(dtype),
@@ -71,7 +62,7 @@ def test_prefill(benchmark, record, quick, device, limits, prefill_len):
     k_cache, v_cache, tables, lens, k, v = paged_cache(1, L, kvh, d, dtype, device)
     q = torch.randn(L, h, d, dtype=dtype, device=device)
     cu = torch.tensor([0, L], dtype=torch.int32, device=device)
-    ours = run(benchmark, lambda: triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, d ** -0.5))
+    ours = measure(benchmark, lambda: triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, d ** -0.5))
     qs = q.transpose(0, 1)[None]  # [1, H, L, D]
     ks, vs = k.repeat_interleave(h // kvh, 1), v.repeat_interleave(h // kvh, 1)  # flash SDPA wants equal heads
     sdpa = timed(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True))

@@ -8,7 +8,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from mistralrs.kernels.dequant import dequantize
 from mistralrs.kernels.quant_matmul import quant_matmul
 
-from conftest import is_quick, timed
+from conftest import is_quick, measure, timed
 
 QTYPES = [Q.Q4_0, Q.Q8_0, Q.Q4_K]
 FULL = dict(dtype=torch.bfloat16, rounds=20,
@@ -34,15 +34,6 @@ def random_qweight(qtype, N: int, K: int, device) -> torch.Tensor:
     return w.view(N, -1)
 
 
-def run(benchmark, fn, rounds: int):
-    """Time fn with pytest-benchmark (GPU-synchronised); returns the median in seconds."""
-    def call():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2)
-    return benchmark.stats.stats.median
-
 
 def test_quant_matmul(benchmark, record, quick, device, limits, case):
     cfg = QUICK if quick else FULL
@@ -50,7 +41,7 @@ def test_quant_matmul(benchmark, record, quick, device, limits, case):
     dtype = cfg["dtype"]
     w = random_qweight(qtype, N, K, device)
     x = torch.randn(M, K, dtype=dtype, device=device)
-    ours = run(benchmark, lambda: quant_matmul(x, w, qtype, N, K), cfg["rounds"])
+    ours = measure(benchmark, lambda: quant_matmul(x, w, qtype, N, K), cfg["rounds"])
     dense_w = torch.randn(N, K, dtype=dtype, device=device)
     dense = timed(lambda: x @ dense_w.T)
     torch_path = timed(lambda: x @ dequantize(w, qtype, (N, K), dtype).T, reps=3)

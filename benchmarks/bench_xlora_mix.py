@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mistralrs.kernels.xlora_mix import xlora_mix
 
-from conftest import is_quick, timed
+from conftest import is_quick, measure, timed
 
 FULL = dict(dtype=torch.bfloat16, adapters=(9, 16), rounds=20,
             cases=[(t, k, n) for t in (1, 8, 512) for k, n in [(4096, 4096), (4096, 14336)]])
@@ -20,15 +20,6 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", cases, ids=[f"T{t}-K{k}-N{n}" for t, k, n in cases])
 
-
-def run(benchmark, fn, rounds: int):
-    """Time fn with pytest-benchmark (GPU-synchronised); returns the median in seconds."""
-    def call():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2)
-    return benchmark.stats.stats.median
 
 
 def per_adapter_loop(x, lora_a, lora_b, scalings, adapter_scale):
@@ -55,7 +46,7 @@ def test_xlora_mix(benchmark, record, quick, device, limits, case):
     adapter_scale = torch.full((A,), 2.0, dtype=dtype, device=device)
     a_cat, b_cat = lora_a.view(A * R, K), lora_b.permute(1, 0, 2).reshape(N, A * R)  # [A*R, K], [N, A*R]
 
-    ours = run(benchmark, lambda: xlora_mix(x, lora_a, lora_b, scalings, adapter_scale), cfg["rounds"])
+    ours = measure(benchmark, lambda: xlora_mix(x, lora_a, lora_b, scalings, adapter_scale), cfg["rounds"])
     loop = timed(lambda: per_adapter_loop(x, lora_a, lora_b, scalings, adapter_scale))
     stacked = timed(lambda: two_matmuls(x, a_cat, b_cat, scalings, adapter_scale))
     moved = sum(t.nbytes for t in (x, lora_a, lora_b, scalings)) + T * N * dtype.itemsize  # + out

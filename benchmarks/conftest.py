@@ -56,6 +56,16 @@ def timed(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def measure(benchmark, fn, rounds: int = 20) -> float:
+    """Time fn with pytest-benchmark (GPU-synchronised); the median in seconds."""
+    def call():
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2)
+    return benchmark.stats.stats.median
+
+
 @pytest.fixture(scope="session")
 def limits(device, quick) -> dict:
     """The device's measured copy bandwidth (GB/s: read + write of a large buffer) and bf16 matmul TFLOP/s."""

@@ -1,9 +1,10 @@
 """A model from a GGUF file (or a legacy GGML file read into the same form).
 
 The model is built on the meta device from `Args.from_gguf(metadata)` as for safetensors. Then llama.cpp's tensor
-names go through the architecture's literal GGUF_NAMES map (GGUF_BASE_NAMES below plus its MLP's), the layout changes of llama.cpp's converter are undone,
-each nn.Linear / nn.Embedding whose weight the file stores quantized is swapped for QuantLinear / QuantEmbedding
-holding the bytes as stored, and everything else (F32/F16/BF16 tensors) is loaded in the activation dtype.
+names go through the architecture's literal GGUF_NAMES map (GGUF_BASE_NAMES below plus its MLP's), the layout
+changes of llama.cpp's converter are undone, each nn.Linear / nn.Embedding whose weight the file stores quantized
+is swapped for QuantLinear / QuantEmbedding holding the bytes as stored, and everything else (F32/F16/BF16
+tensors) is loaded in the activation dtype.
 """
 import re
 
