@@ -456,6 +456,33 @@ def test_agrees_with_llama_cpp(gguf_file, arch, qtype):
         assert gap < (1.0 if qtype == "q8_0" else 0.2) * quant_error
 
 
+def test_q4_k_agrees_with_llama_cpp(tmp_path):
+    """Q4_K needs rows of 256 weights, wider than the tiny checkpoints: the demo model (hidden 256) converted as
+    llama.cpp's converter would (rows of 704 fall back to Q5_0, as llama.cpp does)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mistralrs.__main__ import DEMO_MODEL
+    path = convert.convert(DEMO_MODEL, tmp_path / "demo-q4_k.gguf", gguf.GGMLQuantizationType.Q4_K)
+    exact_path = convert.convert(DEMO_MODEL, tmp_path / "demo-f32.gguf", gguf.GGMLQuantizationType.F32)
+    assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in gguf.GGUFReader(path).tensors) >= 20
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    with load_gguf("llama", path) as ours, load_gguf("llama", exact_path) as exact:
+        ids = ours.pipeline.tokenizer.encode("The import statement").ids
+        assert llm.tokenize(b"The import statement", add_bos=True) == ids
+        llm.eval(ids)
+        theirs_logits = torch.tensor(np.array(llm.scores[:len(ids)]))
+        gap = (logits(ours, ids) - theirs_logits).abs().mean().item()
+        quant_error = (logits(exact, ids) - theirs_logits).abs().mean().item()
+        theirs = []
+        for _ in range(32):
+            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval([theirs[-1]])
+        mine = greedy(ours, ids)
+    agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
+    print(f"demo Q4_K: greedy tokens agree with llama.cpp for {agree}/32; mean |logits - llama.cpp| = {gap:.3f} "
+          f"(unquantized model: {quant_error:.3f})")
+    assert gap < 0.5 * quant_error
+
+
 # ---- quantized_model_id on the hub: its own revision ----
 
 _HUB_SCRIPT = """
