@@ -19,7 +19,8 @@ DTYPES = {"f32": mistralrs.DType.F32, "f16": mistralrs.DType.F16, "bf16": mistra
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m mistralrs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-id", default=str(DEMO_MODEL), help="local directory or hub id (default: built-in demo)")
+    ap.add_argument("--model-id", help="local directory or hub id (default: the built-in demo model; with --gguf, "
+                                       "the tokenizer repo, default: the GGUF's own tokenizer)")
     ap.add_argument("--arch", choices=ARCHS, default="llama")
     ap.add_argument("--gguf", help="GGUF file (local path, or a filename in --quantized-model-id)")
     ap.add_argument("--quantized-model-id", default="", help="hub repo holding --gguf ('' = local path)")
@@ -37,7 +38,7 @@ def make_loader(a):
     if a.gguf:
         return mistralrs.QuantizedLoader(ARCHS[a.arch], model_id=a.model_id, is_gguf=True,
                                          quantized_model_id=a.quantized_model_id, quantized_filename=a.gguf)
-    return mistralrs.NormalLoader(ARCHS[a.arch], model_id=a.model_id)
+    return mistralrs.NormalLoader(ARCHS[a.arch], model_id=a.model_id or str(DEMO_MODEL))
 
 
 def main(argv=None) -> None:
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     runner = make_loader(a).load(token_source=a.token_source, token_source_value=a.token_source_value,
                                  dtype=DTYPES.get(a.dtype))
-    print(f"loaded {a.model_id} in {time.perf_counter() - t0:.1f} s\n\n> {a.prompt}\n")
+    print(f"loaded {a.gguf or a.model_id or 'the demo model'} in {time.perf_counter() - t0:.1f} s\n\n> {a.prompt}\n")
     request = mistralrs.ChatCompletionRequest([{"role": "user", "content": a.prompt}], "demo",
                                               max_tokens=a.max_tokens, temperature=a.temperature, stream=True,
                                               seed=a.seed)
