@@ -30,3 +30,17 @@ def test_render_writes_table_and_plots(tmp_path):
     for module in ("bench_paged_attention", "bench_sampling"):
         png = tmp_path / f"{module}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_reports_engine_phases_and_ops(tmp_path):
+    import re
+    import subprocess
+    import sys
+    trace = tmp_path / "trace.json"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile.py"), "--requests", "2", "--max-tokens", "4",
+                          "--trace", str(trace)], capture_output=True, text=True, timeout=300, cwd=tmp_path).stdout
+    assert re.search(r"2 requests, 8 tokens in [\d.]+ s", out)
+    assert re.search(r"aten::mm\s+\d+\s+[\d.]+", out)
+    forward = re.search(r"mistralrs\.forward\s+([\d.]+)\s+([\d.]+)", out)
+    assert forward and float(forward.group(1)) > 0
+    assert json.loads(trace.read_text())["traceEvents"]
