@@ -289,3 +289,36 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+class XLoraContext:
+    """The scalings of the pass being run, [T, n_layers, A], or None for no adapters. One per model, shared by its
+    XLoraLinear layers: the X-LoRA model sets it around each pass, so Attention and MLP signatures stay unchanged."""
+
+    def __init__(self):
+        self.scalings: torch.Tensor | None = None
+
+
+class XLoraLinear(nn.Module):
+    """base(x) + kernels.xlora_delta: the adapters of one linear mixed by its column `index` of the scalings."""
+
+    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_scale: torch.Tensor,
+                 index: int, ctx: XLoraContext):
+        super().__init__()
+        self.base, self.index, self.ctx = base, index, ctx
+        self.register_buffer("lora_a", lora_a.contiguous())  # [A, R, K]
+        self.register_buffer("lora_b", lora_b.contiguous())  # [A, N, R]
+        self.register_buffer("adapter_scale", adapter_scale)  # [A]: alpha / r * global_scaling_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.ctx.scalings is None:
+            return out
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
+        s = self.ctx.scalings[:, self.index, :].contiguous()  # [T, A]
+        delta = kernels.xlora_delta(x2, self.lora_a, self.lora_b, s, self.adapter_scale)
+        return out + delta.view(out.shape)
+
+    def extra_repr(self) -> str:
+        A, R, _ = self.lora_a.shape
+        return f"index={self.index}, adapters={A}, rank={R}"

@@ -18,6 +18,7 @@ from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .requests import ModelKind, model_dtype
 from .weights import load_state, read_safetensors
+from .xlora import load_xlora
 
 log = logging.getLogger("mistralrs")
 
@@ -94,12 +95,13 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None):
+             quantized_revision=None, xlora_revision=None):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
         tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
-        `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's)."""
+        `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's),
+        `xlora_revision` (revision of xlora_model_id; default "main")."""
         from .runner import Runner
 
         o = self.options
@@ -107,8 +109,10 @@ class ArchLoader:
         if o.model_id is None and not quantized:
             raise ValueError(f"{type(self).__name__} needs a model_id to load")
         o.check()
-        if o.kind is not ModelKind.Normal and not quantized:
+        if o.kind not in (ModelKind.Normal, ModelKind.XLoraNormal) and not quantized:
             raise NotImplementedError(f"model kind {o.kind.name} is not supported yet")
+        if o.tgt_non_granular_index is not None:
+            raise NotImplementedError("tgt_non_granular_index is not supported yet; leave it None")
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
         token = hub.resolve_token(token_source, token_source_value)
@@ -118,10 +122,12 @@ class ArchLoader:
             pipeline = self._load_quantized(token, revision, quantized_revision, dtype, device, kv_cache_tokens,
                                             block_size)
         else:
-            pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size)
+            pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size,
+                                         xlora_revision)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
 
-    def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size) -> Pipeline:
+    def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size,
+                     xlora_revision=None) -> Pipeline:
         o, m = self.options, self.module
         files = hub.model_files(o.model_id, revision=revision, token=token, tokenizer_json=o.tokenizer_json)
         cfg = read_json(files.config)
@@ -132,8 +138,13 @@ class ArchLoader:
         with torch.device("meta"):
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
+        kv_sets = 1
+        if o.kind is ModelKind.XLoraNormal:
+            model = load_xlora(model, m.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id, args.hidden_size,
+                               dtype, device, revision=xlora_revision or "main", token=token)
+            kv_sets = 2  # the scaling pass's cache and the real pass's (see xlora.py)
 
-        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size)
+        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
         template, special = chat_template.resolve(o.chat_template, tok_cfg)
         gen_cfg = read_json(files.generation_config) if files.generation_config else {}
@@ -214,8 +225,10 @@ def quantized_tokenizer(o: "LoaderOptions", qfile, revision, token) -> tuple[Tok
     return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg
 
 
-def kv_blocks(args, dtype, device, kv_cache_tokens, block_size) -> BlockManager:
-    per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
+def kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets: int = 1) -> BlockManager:
+    """kv_sets K/V caches per layer under one block table (X-LoRA: 2)."""
+    n_layers = kv_sets * args.num_hidden_layers
+    per_token = 2 * n_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
     if kv_cache_tokens is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -225,7 +238,7 @@ def kv_blocks(args, dtype, device, kv_cache_tokens, block_size) -> BlockManager:
     num_blocks = max(1, kv_cache_tokens // block_size)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
              num_blocks * block_size * per_token / 2**20)
-    return BlockManager(args.num_hidden_layers, num_blocks, block_size, args.num_key_value_heads, args.head_dim,
+    return BlockManager(n_layers, num_blocks, block_size, args.num_key_value_heads, args.head_dim,
                         dtype, device)
 
 
