@@ -1,0 +1,175 @@
+"""X-LoRA through XLoraLoader against PEFT's XLoraModel on the same tiny llama, adapters and classifier."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from openai.types import Completion
+
+import mistralrs
+from mistralrs import CompletionRequest
+from mistralrs.model_runner import SeqState
+
+from test_models import PROMPT, greedy
+
+VARIANTS = {"depth1": dict(depth=1), "depth2": dict(depth=2), "depth2_layerwise": dict(depth=2, layerwise=True)}
+
+
+def _tool():
+    # Loaded by path: putting tools/ on sys.path would shadow the stdlib's `profile` with tools/profile.py.
+    path = Path(__file__).resolve().parent.parent / "tools" / "make_tiny_xlora.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_xlora", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOOL = _tool()
+
+
+@pytest.fixture(scope="module")
+def repos(tiny_models, tmp_path_factory):
+    """variant -> X-LoRA repo dir written with PEFT (ordering.json inside), built once per module."""
+    root = tmp_path_factory.mktemp("xlora")
+    return {name: TOOL.write_xlora(tiny_models["llama"], root / name, **kw) for name, kw in VARIANTS.items()}
+
+
+def load(base, repo, order_file=None, **kw):
+    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), no_kv_cache=kw.pop("no_kv_cache", False),
+                                   order_file=str(order_file or Path(repo) / "ordering.json"),
+                                   xlora_model_id=str(repo))
+    return loader.load(token_source="none", **kw)
+
+
+def prompt_ids(runner, text=PROMPT):
+    return runner.pipeline.tokenizer.encode(text).ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_logits_match_peft(tiny_models, repos, variant):
+    base = tiny_models["llama"]
+    runner = load(base, repos[variant])
+    ids = prompt_ids(runner)
+    ref_model = TOOL.peft_xlora(base, repos[variant])
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
+        plain = TOOL._hf_model(base)(torch.tensor([ids])).logits[0]
+    scalings = ref_model.get_latest_scalings()[0]  # [T, n_layers, A]
+    mr = runner.pipeline.model_runner
+    seq = SeqState(list(ids))
+    ours = mr.step([seq], all_logits=True)
+    mr.release(seq)
+    diff = (ours - ref).abs().max().item()
+    print(f"{variant}: max |logits - PEFT X-LoRA| = {diff:.2e}")  # shown with -s
+    assert diff <= 1e-4, diff
+    # The check could not pass by accident: the adapters move the logits, and the scalings vary by token.
+    assert (ref - plain).abs().max().item() > 1.0
+    assert scalings.amax(dim=0).min().item() > 0.5 and scalings.amin(dim=0).max().item() < 0.5
+
+
+@pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])
+@pytest.mark.parametrize("variant", ["depth1", "depth2"])
+def test_greedy_matches_peft_generate(tiny_models, repos, variant, no_kv_cache):
+    base = tiny_models["llama"]
+    runner = load(base, repos[variant], no_kv_cache=no_kv_cache)
+    ids = prompt_ids(runner)
+    ours = greedy(runner.pipeline.model_runner, ids, 16)
+    ref_model = TOOL.peft_xlora(base, repos[variant])
+    ref_model.generation_config.eos_token_id = None
+    with torch.no_grad():  # PEFT's X-LoRA generate recomputes the whole sequence every step (use_cache=False)
+        out = ref_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert ours == out[0, len(ids):].tolist()
+    assert len(set(ours)) >= 4
+
+
+def test_ragged_batch_equals_single_runs(tiny_models, repos):
+    """Two sequences of different lengths share prefill and decode steps; each matches its solo run."""
+    runner = load(tiny_models["llama"], repos["depth2"])
+    mr = runner.pipeline.model_runner
+    prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
+    solo = [greedy(mr, ids, 8) for ids in prompts]
+    seqs = [SeqState(list(ids)) for ids in prompts]
+    for _ in range(8):
+        nxt = mr.step(seqs).argmax(-1).tolist()
+        for s, t in zip(seqs, nxt):
+            s.tokens.append(t)
+    assert [s.tokens[len(p):] for s, p in zip(seqs, prompts)] == solo
+
+
+def test_runner_completion_matches_peft(tiny_models, repos):
+    base = tiny_models["llama"]
+    with load(base, repos["depth1"]) as runner:
+        c = Completion.model_validate_json(runner.send_completion_request(
+            CompletionRequest(PROMPT, "tiny", max_tokens=12, temperature=0)))
+        ids = prompt_ids(runner)
+        ref_model = TOOL.peft_xlora(base, repos["depth1"])
+        ref_model.generation_config.eos_token_id = None
+        with torch.no_grad():
+            out = ref_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        assert c.choices[0].text == runner.pipeline.tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def test_ordering_without_base_model_id(tiny_models, repos, tmp_path):
+    order = json.loads((repos["depth1"] / "ordering.json").read_text())
+    del order["base_model_id"]
+    (tmp_path / "o.json").write_text(json.dumps(order))
+    runner = load(tiny_models["llama"], repos["depth1"], order_file=tmp_path / "o.json")
+    assert len(greedy(runner.pipeline.model_runner, prompt_ids(runner), 2)) == 2
+
+
+def _bad_ordering(repos, tmp_path, change):
+    order = json.loads((repos["depth1"] / "ordering.json").read_text())
+    change(order)
+    (tmp_path / "o.json").write_text(json.dumps(order))
+    return tmp_path / "o.json"
+
+
+def test_missing_order_file(tiny_models, repos, tmp_path):
+    base, repo = str(tiny_models["llama"]), str(repos["depth1"])
+    with pytest.raises(ValueError, match="order_file"):
+        mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=base, xlora_model_id=repo)
+    with pytest.raises(FileNotFoundError, match="order_file"):
+        load(base, repo, order_file=tmp_path / "nope.json")
+
+
+def test_ordering_adapters_must_match_the_repo(tiny_models, repos, tmp_path):
+    base = tiny_models["llama"]
+    bad = _bad_ordering(repos, tmp_path, lambda o: o["order"].__setitem__(2, "adapter_9"))
+    with pytest.raises(ValueError, match="'order'.*adapter_9"):
+        load(base, repos["depth1"], order_file=bad)
+    bad = _bad_ordering(repos, tmp_path, lambda o: o["order"].pop())
+    with pytest.raises(ValueError, match="'order'"):
+        load(base, repos["depth1"], order_file=bad)
+
+
+def test_adapter_directories_match_by_exact_name(tiny_models, repos, tmp_path):
+    """adapter_1's folder renamed adapter_10: adapter_1 must not be found by a substring match."""
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["depth1"], repo)
+    (repo / "adapter_1").rename(repo / "adapter_10")
+    with pytest.raises(FileNotFoundError, match="adapter 'adapter_1'"):
+        load(tiny_models["llama"], repo)
+
+
+def test_base_model_id_mismatch(tiny_models, repos, tmp_path):
+    bad = _bad_ordering(repos, tmp_path, lambda o: o.__setitem__("base_model_id", "HuggingFaceH4/zephyr-7b-beta"))
+    with pytest.raises(ValueError, match="base_model_id"):
+        load(tiny_models["llama"], repos["depth1"], order_file=bad)
+
+
+def test_ordering_layer_not_in_model(tiny_models, repos, tmp_path):
+    def rename(o):
+        o["layers"]["model.layers.7.self_attn.q_proj"] = o["layers"].pop("model.layers.0.self_attn.q_proj")
+    bad = _bad_ordering(repos, tmp_path, rename)
+    with pytest.raises(ValueError, match="does not list|not a module"):
+        load(tiny_models["llama"], repos["depth1"], order_file=bad)
+
+
+def test_tgt_non_granular_index_is_a_clear_error(tiny_models, repos):
+    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(tiny_models["llama"]),
+                                   order_file=str(repos["depth1"] / "ordering.json"),
+                                   xlora_model_id=str(repos["depth1"]), tgt_non_granular_index=1)
+    with pytest.raises(NotImplementedError, match="tgt_non_granular_index"):
+        loader.load(token_source="none")
