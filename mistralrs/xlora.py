@@ -293,7 +293,7 @@ def attach(model: CausalLM, renames, ordering: Ordering, cfg: XLoraConfig, adapt
     for hf_name, index in ordering.layers.items():
         if not any(hf_name in a.weights for a in adapters):
             raise ValueError(f"order_file {order_file}: layer {hf_name!r} has LoRA weights in none of the adapters")
-        name = rename(hf_name, renames)
+        name = rename(hf_name + ".", renames)[:-1]  # the renames match whole name components, dots included
         try:
             linear = model.get_submodule(name)
         except AttributeError:

@@ -12,7 +12,7 @@ import mistralrs
 from mistralrs import CompletionRequest
 from mistralrs.model_runner import SeqState
 
-from test_models import PROMPT, greedy
+from test_models import ARCHS, PROMPT, greedy
 
 VARIANTS = {"depth1": dict(depth=1), "depth2": dict(depth=2), "depth2_layerwise": dict(depth=2, layerwise=True)}
 
@@ -36,8 +36,8 @@ def repos(tiny_models, tmp_path_factory):
     return {name: TOOL.write_xlora(tiny_models["llama"], root / name, **kw) for name, kw in VARIANTS.items()}
 
 
-def load(base, repo, order_file=None, **kw):
-    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), no_kv_cache=kw.pop("no_kv_cache", False),
+def load(base, repo, order_file=None, arch="llama", **kw):
+    loader = mistralrs.XLoraLoader(ARCHS[arch], model_id=str(base), no_kv_cache=kw.pop("no_kv_cache", False),
                                    order_file=str(order_file or Path(repo) / "ordering.json"),
                                    xlora_model_id=str(repo))
     return loader.load(token_source="none", **kw)
@@ -67,6 +67,29 @@ def test_prefill_logits_match_peft(tiny_models, repos, variant):
     # The check could not pass by accident: the adapters move the logits, and the scalings vary by token.
     assert (ref - plain).abs().max().item() > 1.0
     assert scalings.amax(dim=0).min().item() > 0.5 and scalings.amin(dim=0).max().item() < 0.5
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "llama"])
+def test_every_architecture_matches_peft(tiny_models, tmp_path, arch):
+    """Prefill logits and greedy tokens; Phi-2's adapters sit on dense/fc2, whose names we rename."""
+    base = tiny_models[arch]
+    repo = TOOL.write_xlora(base, tmp_path / arch, depth=2)
+    runner = load(base, repo, arch=arch)
+    ids = prompt_ids(runner)
+    ref_model = TOOL.peft_xlora(base, repo)
+    with torch.no_grad():
+        ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
+    mr = runner.pipeline.model_runner
+    seq = SeqState(list(ids))
+    ours = mr.step([seq], all_logits=True)
+    mr.release(seq)
+    diff = (ours - ref).abs().max().item()
+    print(f"{arch}: max |logits - PEFT X-LoRA| = {diff:.2e}")
+    assert diff <= 1e-4, diff
+    ref_model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = ref_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert greedy(mr, ids, 8) == out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])

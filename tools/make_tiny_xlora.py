@@ -22,11 +22,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ADAPTERS = (  # name, rank, alpha, use_rslora, target modules: ranks and targets differ on purpose
-    ("adapter_1", 4, 8, False, ["q_proj", "v_proj", "down_proj"]),
-    ("adapter_2", 8, 12, True, ["q_proj", "v_proj", "down_proj"]),
-    ("adapter_3", 2, 5, False, ["q_proj", "v_proj", "down_proj", "o_proj"]),
+ADAPTERS = (  # name, rank, alpha, use_rslora, also the extra target: ranks and targets differ on purpose
+    ("adapter_1", 4, 8, False, False),
+    ("adapter_2", 8, 12, True, False),
+    ("adapter_3", 2, 5, False, True),
 )
+TARGETS = {  # model_type -> (targets of every adapter, the extra one); Mixtral's experts are fused parameters
+    "llama": (["q_proj", "v_proj", "down_proj"], "o_proj"),
+    "mistral": (["q_proj", "v_proj", "down_proj"], "o_proj"),
+    "gemma": (["q_proj", "v_proj", "down_proj"], "o_proj"),
+    "phi": (["q_proj", "v_proj", "fc2"], "dense"),
+    "mixtral": (["q_proj", "v_proj"], "o_proj"),
+}
 
 
 def _hf_model(base_dir):
@@ -41,7 +48,9 @@ def write_adapters(base_dir, out_dir: Path, seed: int = 0) -> list[str]:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    for name, r, alpha, rslora, targets in ADAPTERS:
+    common, extra = TARGETS[json.loads((Path(base_dir) / "config.json").read_text())["model_type"]]
+    for name, r, alpha, rslora, more in ADAPTERS:
+        targets = common + [extra] * more
         # init_lora_weights=False: random lora_B, so every adapter changes the output.
         cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets, lora_dropout=0.1,
                          init_lora_weights=False, task_type="CAUSAL_LM")
