@@ -105,12 +105,10 @@ class ArchLoader:
         from .runner import Runner
 
         o = self.options
-        quantized = o.kind in (ModelKind.QuantizedGGUF, ModelKind.QuantizedGGML)
+        quantized = o.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
         if o.model_id is None and not quantized:
             raise ValueError(f"{type(self).__name__} needs a model_id to load")
         o.check()
-        if o.kind not in (ModelKind.Normal, ModelKind.XLoraNormal) and not quantized:
-            raise NotImplementedError(f"model kind {o.kind.name} is not supported yet")
         if o.tgt_non_granular_index is not None:
             raise NotImplementedError("tgt_non_granular_index is not supported yet; leave it None")
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
@@ -120,7 +118,7 @@ class ArchLoader:
         dtype = model_dtype(dtype, device)
         if quantized:
             pipeline = self._load_quantized(token, revision, quantized_revision, dtype, device, kv_cache_tokens,
-                                            block_size)
+                                            block_size, xlora_revision)
         else:
             pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size,
                                          xlora_revision)
@@ -138,12 +136,7 @@ class ArchLoader:
         with torch.device("meta"):
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
-        kv_sets = 1
-        if o.kind is ModelKind.XLoraNormal:
-            model = load_xlora(model, m.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id, args.hidden_size,
-                               dtype, device, revision=xlora_revision or "main", token=token)
-            kv_sets = 2  # the scaling pass's cache and the real pass's (see xlora.py)
-
+        model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
         blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
         template, special = chat_template.resolve(o.chat_template, tok_cfg)
@@ -153,6 +146,15 @@ class ArchLoader:
             chat_template=template, special_tokens=special, eos_token_ids=eos_ids(tokenizer, special, cfg, gen_cfg),
             max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n,
             device=device, dtype=dtype)
+
+    def _maybe_xlora(self, model, args, token, xlora_revision, dtype, device):
+        """(model, KV sets): for the X-LoRA kinds, model wrapped with its adapters and classifier, and 2 KV sets,
+        the scaling pass's and the real pass's (see xlora.py)."""
+        o = self.options
+        if o.kind not in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML):
+            return model, 1
+        return load_xlora(model, self.module.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id,
+                          args.hidden_size, dtype, device, revision=xlora_revision or "main", token=token), 2
 
     def quantized_base(self, token, quantized_revision, dtype, device):
         """(model, args, file) of a GGUF or GGML model, weights kept quantized; also the base of X-LoRA on GGUF/GGML."""
@@ -169,15 +171,16 @@ class ArchLoader:
         return model, args, qfile
 
     def _load_quantized(self, token, revision, quantized_revision, dtype, device, kv_cache_tokens,
-                        block_size) -> Pipeline:
+                        block_size, xlora_revision=None) -> Pipeline:
         o = self.options
         model, args, qfile = self.quantized_base(token, quantized_revision, dtype, device)
+        model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
         tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(o, qfile, revision, token)
         template, special = chat_template.resolve(o.chat_template, tok_cfg)
         md = qfile.metadata
         cfg = {"eos_token_id": [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
                                 if isinstance(md.get(k), int)]}
-        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size)
+        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         return Pipeline(
             model_id=o.model_id or o.quantized_filename, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache),
             tokenizer=tokenizer, chat_template=template, special_tokens=special,

@@ -81,10 +81,11 @@ def read_ordering(path) -> Ordering:
     return Ordering(order, layers, base)
 
 
-def check_base_model(ordering: Ordering, model_id: str, order_file) -> None:
-    """An ordering with base_model_id must name the base model: the same hub id, or the same local directory."""
+def check_base_model(ordering: Ordering, model_id: str | None, order_file) -> None:
+    """An ordering with base_model_id must name the base model: the same hub id, or the same local directory. A GGUF
+    base loaded without model_id has no name to check."""
     want = ordering.base_model_id
-    if want is None or want == model_id:
+    if want is None or model_id is None or want == model_id:
         return
     if Path(want).is_dir() and Path(model_id).is_dir() and Path(want).resolve() == Path(model_id).resolve():
         return

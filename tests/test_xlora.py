@@ -17,16 +17,16 @@ from test_models import ARCHS, PROMPT, greedy
 VARIANTS = {"depth1": dict(depth=1), "depth2": dict(depth=2), "depth2_layerwise": dict(depth=2, layerwise=True)}
 
 
-def _tool():
+def _tool(name):
     # Loaded by path: putting tools/ on sys.path would shadow the stdlib's `profile` with tools/profile.py.
-    path = Path(__file__).resolve().parent.parent / "tools" / "make_tiny_xlora.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_xlora", path)
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-TOOL = _tool()
+TOOL = _tool("make_tiny_xlora")
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +196,54 @@ def test_tgt_non_granular_index_is_a_clear_error(tiny_models, repos):
                                    xlora_model_id=str(repos["depth1"]), tgt_non_granular_index=1)
     with pytest.raises(NotImplementedError, match="tgt_non_granular_index"):
         loader.load(token_source="none")
+
+
+def _prefill_vs_peft(runner, base, repo):
+    ids = prompt_ids(runner)
+    with torch.no_grad():
+        ref = TOOL.peft_xlora(base, repo)(input_ids=torch.tensor([ids])).logits[0]
+    mr = runner.pipeline.model_runner
+    seq = SeqState(list(ids))
+    ours = mr.step([seq], all_logits=True)
+    mr.release(seq)
+    return (ours - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_gguf_base_matches_peft(tiny_models, tmp_path, arch):
+    """XLoraQuantizedLoader on an F32 GGUF of the checkpoint: the same model, so the same logits as PEFT."""
+    base = tiny_models[arch]
+    repo = TOOL.write_xlora(base, tmp_path / "x", depth=2)
+    gguf = _tool("convert_to_gguf").convert(base, tmp_path / f"{arch}.gguf", "f32")
+    loader = mistralrs.XLoraQuantizedLoader(ARCHS[arch], model_id=str(base), is_gguf=True, quantized_model_id="",
+                                            quantized_filename=str(gguf), order_file=str(repo / "ordering.json"),
+                                            xlora_model_id=str(repo))
+    diff = _prefill_vs_peft(loader.load(token_source="none"), base, repo)
+    print(f"{arch} GGUF f32: max |logits - PEFT X-LoRA| = {diff:.2e}")
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_ggml_base(tiny_models, tmp_path, qtype):
+    """Legacy GGML: F32 is the same model as PEFT's. Q8_0 keeps its blocks under the adapters; its logits are not
+    compared, as the tiny random model turns Q8_0's rounding into O(1) logit changes already without X-LoRA."""
+    src = tiny_models["llama"]
+    base = tmp_path / "llama"  # GGJT cannot express the tiny llama's Llama 3 rope scaling
+    shutil.copytree(src, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["rope_scaling"] = None
+    (base / "config.json").write_text(json.dumps(cfg))
+    repo = TOOL.write_xlora(base, tmp_path / "x", depth=1)
+    ggml = _tool("write_ggml").write_ggml(base, tmp_path / "llama.bin", qtype)
+    loader = mistralrs.XLoraQuantizedLoader(mistralrs.LlamaLoader, model_id=str(base), is_gguf=False, gqa=2,
+                                            quantized_model_id="", quantized_filename=str(ggml),
+                                            order_file=str(repo / "ordering.json"), xlora_model_id=str(repo))
+    runner = loader.load(token_source="none")
+    if qtype == "f32":
+        diff = _prefill_vs_peft(runner, base, repo)
+        print(f"llama GGML f32: max |logits - PEFT X-LoRA| = {diff:.2e}")
+        assert diff <= 1e-4, diff
+    else:
+        q_proj = runner.pipeline.model_runner.model.base.model.layers[0].self_attn.q_proj
+        assert q_proj.base.qweight.dtype == torch.uint8 and q_proj.lora_a.dtype == torch.float32
+        assert len(greedy(runner.pipeline.model_runner, prompt_ids(runner), 4)) == 4
