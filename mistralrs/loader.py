@@ -109,8 +109,6 @@ class ArchLoader:
         if o.model_id is None and not quantized:
             raise ValueError(f"{type(self).__name__} needs a model_id to load")
         o.check()
-        if o.tgt_non_granular_index is not None:
-            raise NotImplementedError("tgt_non_granular_index is not supported yet; leave it None")
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
         token = hub.resolve_token(token_source, token_source_value)
@@ -154,7 +152,8 @@ class ArchLoader:
         if o.kind not in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML):
             return model, 1
         return load_xlora(model, self.module.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id,
-                          args.hidden_size, dtype, device, revision=xlora_revision or "main", token=token), 2
+                          args.hidden_size, dtype, device, o.tgt_non_granular_index, revision=xlora_revision or "main",
+                          token=token), 2
 
     def quantized_base(self, token, quantized_revision, dtype, device):
         """(model, args, file) of a GGUF or GGML model, weights kept quantized; also the base of X-LoRA on GGUF/GGML."""

@@ -253,23 +253,36 @@ class XLoraCausalLM(nn.Module):
     """The base CausalLM with its LoRA linears swapped for XLoraLinear, run twice per step (see the module doc).
     kv_caches holds 2 * n_layers K/V pairs: the scaling pass's, then the real pass's."""
 
-    def __init__(self, base: CausalLM, classifier: Classifier, ctx: XLoraContext, cfg: XLoraConfig):
+    def __init__(self, base: CausalLM, classifier: Classifier, ctx: XLoraContext, cfg: XLoraConfig,
+                 tgt_non_granular_index: int | None = None):
         super().__init__()
         self.base, self.classifier, self.ctx, self.cfg = base, classifier, ctx, cfg
+        self.tgt_non_granular_index = tgt_non_granular_index  # read by ModelRunner, which keeps the per-seq state
 
-    def forward(self, input_ids, positions, meta, kv_caches):
+    def forward(self, input_ids, positions, meta, kv_caches, frozen=None, return_scalings=False):
+        """frozen: (src [T] int64, extra [F, n_layers, A] or None): token t takes row src[t] of this step's scalings
+        followed by extra (tgt_non_granular_index). When no token takes its own step's scalings, the scaling pass is
+        skipped; its cache is then not written there, and no later scaling pass reads those positions."""
         n = len(self.base.model.layers)
         if len(kv_caches) != 2 * n:
             raise ValueError(f"X-LoRA needs 2 * {n} KV cache layers (scaling pass + real pass), got {len(kv_caches)}")
         T, c = input_ids.shape[0], self.cfg.scaling_pass_value
         dtype = self.classifier.linears[0].weight.dtype
         try:
-            # scaling pass value 0 means every adapter term is 0: skip them (same result as PEFT).
-            self.ctx.scalings = None if c == 0 else torch.full(
-                (T, self.classifier.n_layers, self.classifier.n_adapters), c, dtype=dtype, device=input_ids.device)
-            hidden = self.base(input_ids, positions, meta, kv_caches[:n])
-            self.ctx.scalings = self.classifier(hidden.to(dtype))
-            return self.base(input_ids, positions, meta, kv_caches[n:])
+            if frozen is not None and bool((frozen[0] >= T).all()):
+                scalings = frozen[1][frozen[0] - T]
+            else:
+                # scaling pass value 0 means every adapter term is 0: skip them (same result as PEFT).
+                self.ctx.scalings = None if c == 0 else torch.full(
+                    (T, self.classifier.n_layers, self.classifier.n_adapters), c, dtype=dtype, device=input_ids.device)
+                hidden = self.base(input_ids, positions, meta, kv_caches[:n])
+                scalings = self.classifier(hidden.to(dtype))
+                if frozen is not None:
+                    rows = scalings if frozen[1] is None else torch.cat([scalings, frozen[1].to(dtype)])
+                    scalings = rows[frozen[0]]
+            self.ctx.scalings = scalings
+            out = self.base(input_ids, positions, meta, kv_caches[n:])
+            return (out, scalings) if return_scalings else out
         finally:
             self.ctx.scalings = None
 
@@ -309,7 +322,7 @@ def attach(model: CausalLM, renames, ordering: Ordering, cfg: XLoraConfig, adapt
 
 
 def load_xlora(model: CausalLM, renames, model_id: str, order_file, xlora_model_id: str, hidden_size: int,
-               dtype, device, **kw) -> XLoraCausalLM:
+               dtype, device, tgt_non_granular_index=None, **kw) -> XLoraCausalLM:
     """Read the ordering, config, adapters and classifier, check them against each other, and wrap `model`."""
     ordering = read_ordering(order_file)
     check_base_model(ordering, model_id, order_file)
@@ -322,4 +335,9 @@ def load_xlora(model: CausalLM, renames, model_id: str, order_file, xlora_model_
     cfg.adapters = list(ordering.order)
     adapters = [read_adapter(xlora_model_id, name, **kw) for name in ordering.order]
     classifier = read_classifier(xlora_model_id, cfg, len(ordering.layers), dtype, device, **kw)
-    return attach(model, renames, ordering, cfg, adapters, classifier, order_file)
+    if tgt_non_granular_index is not None and (not isinstance(tgt_non_granular_index, int) or isinstance(
+            tgt_non_granular_index, bool) or tgt_non_granular_index < 0):
+        raise ValueError(f"tgt_non_granular_index must be None or an int >= 0, got {tgt_non_granular_index!r}")
+    xlora = attach(model, renames, ordering, cfg, adapters, classifier, order_file)
+    xlora.tgt_non_granular_index = tgt_non_granular_index
+    return xlora

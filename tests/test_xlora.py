@@ -190,11 +190,78 @@ def test_ordering_layer_not_in_model(tiny_models, repos, tmp_path):
         load(tiny_models["llama"], repos["depth1"], order_file=bad)
 
 
-def test_tgt_non_granular_index_is_a_clear_error(tiny_models, repos):
+def peft_non_granular_greedy(ref_model, ids, n, tgt):
+    """PEFT's X-LoRA, full recompute each step, with the scalings of every position after prompt_len - 1 + tgt
+    replaced by that position's: what tgt_non_granular_index means per sequence."""
+    clf = ref_model.base_model.internal_xlora_classifier
+    at, plain = len(ids) - 1 + tgt, clf.forward
+
+    def frozen(*args, **kwargs):
+        s = plain(*args, **kwargs).clone()  # [1, T, n_layers, A]
+        s[:, at + 1:] = s[:, at:at + 1]
+        return s
+    clf.forward = frozen
+    try:
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(ref_model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+    finally:
+        clf.forward = plain
+    return seq[len(ids):]
+
+
+@pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])
+@pytest.mark.parametrize("tgt", [0, 3])
+def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
+    """Per sequence, so two prompts of different lengths share every step (max_seqs is not forced to 1)."""
+    base, repo = tiny_models["llama"], repos["depth2"]
+    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
+                                   xlora_model_id=str(repo), tgt_non_granular_index=tgt, no_kv_cache=no_kv_cache)
+    runner = loader.load(token_source="none")
+    mr, ref_model = runner.pipeline.model_runner, TOOL.peft_xlora(base, repo)
+    prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
+    seqs = [SeqState(list(ids)) for ids in prompts]
+    for _ in range(10):
+        for s, t in zip(seqs, mr.step(seqs).argmax(-1).tolist()):
+            s.tokens.append(t)
+    for s, ids in zip(seqs, prompts):
+        assert s.tokens[len(ids):] == peft_non_granular_greedy(ref_model, ids, 10, tgt)
+        assert s.xlora_frozen is not None and s.xlora_freeze_at == len(ids) - 1 + tgt
+    # the check can fail: frozen scalings change the logits of the later tokens
+    ids = seqs[0].tokens
+    with torch.no_grad():
+        free = ref_model(input_ids=torch.tensor([ids])).logits[0, -1]
+    s = SeqState(list(ids[:len(prompts[0])]))
+    mr.step([s])
+    s.tokens = list(ids)
+    assert (mr.step([s])[0] - free).abs().max().item() > 1e-2
+
+
+def test_tgt_non_granular_index_skips_the_scaling_pass_and_runs_in_the_runner(tiny_models, repos):
+    base, repo = tiny_models["llama"], repos["depth1"]
+    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
+                                   xlora_model_id=str(repo), tgt_non_granular_index=1)
+    with loader.load(token_source="none") as runner:
+        model, calls = runner.pipeline.model_runner.model, []
+        plain = model.classifier.forward
+        model.classifier.forward = lambda h: calls.append(h.shape[0]) or plain(h)
+        prompts = [PROMPT, "Where does the river go?"]
+        texts = [Completion.model_validate_json(runner.send_completion_request(
+            CompletionRequest(p, "tiny", max_tokens=8, temperature=0))).choices[0].text for p in prompts]
+        # per sequence: the prompt and completion token 1 run the scaling pass, the 6 later steps do not
+        assert len(calls) == 2 * 2
+        ref_model = TOOL.peft_xlora(base, repo)
+        for p, text in zip(prompts, texts):
+            ids = prompt_ids(runner, p)
+            assert text == runner.pipeline.tokenizer.decode(peft_non_granular_greedy(ref_model, ids, 8, 1))
+
+
+def test_tgt_non_granular_index_must_be_an_int(tiny_models, repos):
     loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(tiny_models["llama"]),
                                    order_file=str(repos["depth1"] / "ordering.json"),
-                                   xlora_model_id=str(repos["depth1"]), tgt_non_granular_index=1)
-    with pytest.raises(NotImplementedError, match="tgt_non_granular_index"):
+                                   xlora_model_id=str(repos["depth1"]), tgt_non_granular_index=-1)
+    with pytest.raises(ValueError, match="tgt_non_granular_index"):
         loader.load(token_source="none")
 
 
