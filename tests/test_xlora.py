@@ -134,6 +134,27 @@ def test_runner_completion_matches_peft(tiny_models, repos):
         assert c.choices[0].text == runner.pipeline.tokenizer.decode(out[0, len(ids):].tolist())
 
 
+@pytest.mark.parametrize("layout", ["peft_names", "mistralrs_names"])
+def test_other_file_layouts(tiny_models, repos, tmp_path, layout):
+    """PEFT's file names (adapter_config.json with peft_type XLORA, adapter_model.safetensors, base_model. prefix) and
+    mistral.rs's classifier names (inner.<k>, last) load the same model."""
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["depth2"], repo)
+    tensors = load_file(repo / "xlora_classifier.safetensors")
+    if layout == "peft_names":
+        (repo / "xlora_config.json").rename(repo / "adapter_config.json")
+        (repo / "xlora_classifier.safetensors").unlink()
+        save_file({f"base_model.{k}": v for k, v in tensors.items()}, repo / "adapter_model.safetensors")
+    else:
+        names = {"layers.0": "inner.0", "layers.3": "last"}  # PEFT's Sequential: Linear, ReLU, Dropout, Linear
+        save_file({names[k.split(".", 1)[1].rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v
+                   for k, v in tensors.items()}, repo / "xlora_classifier.safetensors")
+    diff = _prefill_vs_peft(load(tiny_models["llama"], repo), tiny_models["llama"], repos["depth2"])
+    assert diff <= 1e-4, diff
+
+
 def test_ordering_without_base_model_id(tiny_models, repos, tmp_path):
     order = json.loads((repos["depth1"] / "ordering.json").read_text())
     del order["base_model_id"]
@@ -174,6 +195,33 @@ def test_adapter_directories_match_by_exact_name(tiny_models, repos, tmp_path):
     (repo / "adapter_1").rename(repo / "adapter_10")
     with pytest.raises(FileNotFoundError, match="adapter 'adapter_1'"):
         load(tiny_models["llama"], repo)
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda c: c.__setitem__("xlora_size", 16), ValueError, "classifier weight shapes"),
+    (lambda c: c.pop("hidden_size"), ValueError, "hidden_size"),
+    (lambda c: c.__setitem__("hidden_size", 32), ValueError, "hidden_size 32"),
+    (lambda c: c.__setitem__("xlora_depth", 0), ValueError, "xlora_depth"),
+], ids=["xlora_size", "no_hidden_size", "hidden_size", "depth"])
+def test_bad_xlora_config(tiny_models, repos, tmp_path, edit, error, match):
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["depth2"], repo)
+    cfg = json.loads((repo / "xlora_config.json").read_text())
+    edit(cfg)
+    (repo / "xlora_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(error, match=match):
+        load(tiny_models["llama"], repo)
+
+
+def test_missing_xlora_files(tiny_models, repos, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["depth1"], repo)
+    (repo / "xlora_classifier.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="xlora_classifier.safetensors"):
+        load(tiny_models["llama"], repo, order_file=repos["depth1"] / "ordering.json")
+    (repo / "xlora_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="xlora_config.json"):
+        load(tiny_models["llama"], repo, order_file=repos["depth1"] / "ordering.json")
 
 
 def test_base_model_id_mismatch(tiny_models, repos, tmp_path):
