@@ -308,6 +308,10 @@ def attach(model: CausalLM, renames, ordering: Ordering, cfg: XLoraConfig, adapt
         if not any(hf_name in a.weights for a in adapters):
             raise ValueError(f"order_file {order_file}: layer {hf_name!r} has LoRA weights in none of the adapters")
         name = rename(hf_name + ".", renames)[:-1]  # the renames match whole name components, dots included
+        # lm_head runs after the real pass, outside its scalings; an expert sees only its routed tokens.
+        if name == "lm_head" or ".experts." in name:
+            raise ValueError(f"order_file {order_file}: X-LoRA on {hf_name!r} (lm_head or a MoE expert) is not "
+                             f"supported")
         try:
             linear = model.get_submodule(name)
         except AttributeError:
