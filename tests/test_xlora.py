@@ -286,6 +286,22 @@ def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
     assert (mr.step([s])[0] - free).abs().max().item() > 1e-2
 
 
+def test_tgt_non_granular_index_survives_preemption(tiny_models, repos):
+    """A preempted sequence recomputes its whole context in one step: tokens up to the freeze point get their own
+    scalings again, later ones the frozen ones."""
+    base, repo = tiny_models["llama"], repos["depth2"]
+    loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
+                                   xlora_model_id=str(repo), tgt_non_granular_index=2)
+    runner = loader.load(token_source="none")
+    mr, ids = runner.pipeline.model_runner, prompt_ids(runner)
+    seq = SeqState(list(ids))
+    for step in range(10):
+        if step == 6:
+            mr.release(seq)  # what the scheduler does on preemption
+        seq.tokens.append(int(mr.step([seq]).argmax(-1)))
+    assert seq.tokens[len(ids):] == peft_non_granular_greedy(TOOL.peft_xlora(base, repo), ids, 10, 2)
+
+
 def test_tgt_non_granular_index_skips_the_scaling_pass_and_runs_in_the_runner(tiny_models, repos):
     base, repo = tiny_models["llama"], repos["depth1"]
     loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
