@@ -18,7 +18,7 @@ from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .requests import ModelKind, model_dtype
 from .weights import load_state, read_safetensors
-from .xlora import load_xlora
+from .xlora_model import load_xlora
 
 log = logging.getLogger("mistralrs")
 
