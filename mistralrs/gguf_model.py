@@ -14,7 +14,8 @@ from torch import nn
 
 from .gguf_file import GGUFFile, RawTensor
 from .kernels.dequant import dequantize
-from .layers import CausalLM, QuantEmbedding, QuantLinear
+from .layers import CausalLM
+from .linears import QuantEmbedding, QuantLinear
 from .weights import load_state
 
 # llama.cpp's converter permutes the Q and K rows of these architectures so that its interleaved rotary sees pairs

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .kernels.dequant import dequantize, row_bytes
 
 
 @dataclass
@@ -105,55 +104,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
     rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
-
-
-class QuantLinear(nn.Module):
-    """A Linear whose weight stays in its GGUF block format: qweight uint8 [N, row_bytes] (N = out_features rows of
-    K = in_features weights), multiplied by kernels.gguf_matmul. Swapped in for nn.Linear at load time."""
-
-    def __init__(self, in_features: int, out_features: int, qtype, bias: bool = False):
-        super().__init__()
-        self.in_features, self.out_features, self.qtype = in_features, out_features, qtype
-        self.register_buffer("qweight", torch.empty(out_features, row_bytes(qtype, in_features), dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-
-    @classmethod
-    def like(cls, linear: nn.Linear, qtype) -> "QuantLinear":
-        with torch.device(linear.weight.device):
-            return cls(linear.in_features, linear.out_features, qtype, linear.bias is not None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # [M, K]
-        out = kernels.gguf_matmul(x2.contiguous(), self.qweight, self.qtype, self.out_features, self.in_features)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
-
-
-class QuantEmbedding(nn.Module):
-    """An Embedding kept in its GGUF block format: the rows of the looked-up tokens are dequantized to `dtype`."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, qtype, dtype: torch.dtype):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.qtype, self.dtype = num_embeddings, embedding_dim, qtype, dtype
-        self.register_buffer("qweight", torch.empty(num_embeddings, row_bytes(qtype, embedding_dim),
-                                                    dtype=torch.uint8))
-
-    @classmethod
-    def like(cls, embedding: nn.Embedding, qtype, dtype: torch.dtype) -> "QuantEmbedding":
-        with torch.device(embedding.weight.device):
-            return cls(embedding.num_embeddings, embedding.embedding_dim, qtype, dtype)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[ids.reshape(-1)]  # [T, row_bytes]
-        x = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.dtype)
-        return x.view(*ids.shape, self.embedding_dim)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
 
 
 class Attention(nn.Module):
@@ -289,36 +239,3 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
-
-
-class XLoraContext:
-    """The scalings of the pass being run, [T, n_layers, A], or None for no adapters. One per model, shared by its
-    XLoraLinear layers: the X-LoRA model sets it around each pass, so Attention and MLP signatures stay unchanged."""
-
-    def __init__(self):
-        self.scalings: torch.Tensor | None = None
-
-
-class XLoraLinear(nn.Module):
-    """base(x) + kernels.xlora_delta: the adapters of one linear mixed by its column `index` of the scalings."""
-
-    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_scale: torch.Tensor,
-                 index: int, ctx: XLoraContext):
-        super().__init__()
-        self.base, self.index, self.ctx = base, index, ctx
-        self.register_buffer("lora_a", lora_a.contiguous())  # [A, R, K]
-        self.register_buffer("lora_b", lora_b.contiguous())  # [A, N, R]
-        self.register_buffer("adapter_scale", adapter_scale)  # [A]: alpha / r * global_scaling_weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.ctx.scalings is None:
-            return out
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
-        s = self.ctx.scalings[:, self.index, :].contiguous()  # [T, A]
-        delta = kernels.xlora_delta(x2, self.lora_a, self.lora_b, s, self.adapter_scale)
-        return out + delta.view(out.shape)
-
-    def extra_repr(self) -> str:
-        A, R, _ = self.lora_a.shape
-        return f"index={self.index}, adapters={A}, rank={R}"

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import hub
-from .layers import CausalLM, QuantLinear, XLoraContext, XLoraLinear
+from .layers import CausalLM
+from .linears import QuantLinear, XLoraContext, XLoraLinear
 from .weights import rename
 from .xlora import (CLASSIFIER_PREFIX, Adapter, Ordering, XLoraConfig, check_base_model, read_adapter, read_ordering,
                     read_tensors, read_xlora_config, stack)

@@ -22,7 +22,7 @@ from mistralrs import ChatCompletionRequest, QuantizedLoader
 from mistralrs.gguf_file import read_gguf
 from mistralrs.gguf_model import load_gguf_model, resident_bytes
 from mistralrs.gguf_tokenizer import tokenizer_from_gguf
-from mistralrs.layers import QuantEmbedding, QuantLinear
+from mistralrs.linears import QuantEmbedding, QuantLinear
 from mistralrs.model_runner import SeqState
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
