@@ -424,6 +424,17 @@ def small_gguf(path: Path) -> Path:
 
 # ---- llama.cpp on the same files ----
 
+def llama_cpp_run(llm, ids, n=32):
+    """llama.cpp on the prompt ids: its prompt logits [len(ids), V] and its n greedy tokens."""
+    llm.eval(ids)
+    prompt_logits = torch.tensor(np.array(llm.scores[:len(ids)]))
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    return prompt_logits, tokens
+
+
 @pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_0"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_agrees_with_llama_cpp(gguf_file, arch, qtype):
@@ -436,13 +447,8 @@ def test_agrees_with_llama_cpp(gguf_file, arch, qtype):
     with load_gguf(arch, path) as ours, load_gguf(arch, f32) as exact:
         ids = ours.pipeline.tokenizer.encode(PROMPT).ids
         assert llm.tokenize(PROMPT.encode(), add_bos=True) == ids
-        llm.eval(ids)
-        theirs_logits = torch.tensor(np.array(llm.scores[:len(ids)]))
+        theirs_logits, theirs = llama_cpp_run(llm, ids)
         ours_logits, exact_logits = logits(ours, ids), logits(exact, ids)
-        theirs = []
-        for _ in range(32):
-            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([theirs[-1]])
         mine = greedy(ours, ids)
     agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
     gap, quant_error = [(a - b).abs().mean().item() for a, b in
@@ -468,14 +474,9 @@ def test_q4_k_agrees_with_llama_cpp(tmp_path):
     with load_gguf("llama", path) as ours, load_gguf("llama", exact_path) as exact:
         ids = ours.pipeline.tokenizer.encode("The import statement").ids
         assert llm.tokenize(b"The import statement", add_bos=True) == ids
-        llm.eval(ids)
-        theirs_logits = torch.tensor(np.array(llm.scores[:len(ids)]))
+        theirs_logits, theirs = llama_cpp_run(llm, ids)
         gap = (logits(ours, ids) - theirs_logits).abs().mean().item()
         quant_error = (logits(exact, ids) - theirs_logits).abs().mean().item()
-        theirs = []
-        for _ in range(32):
-            theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([theirs[-1]])
         mine = greedy(ours, ids)
     agree = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(mine))
     print(f"demo Q4_K: greedy tokens agree with llama.cpp for {agree}/32; mean |logits - llama.cpp| = {gap:.3f} "
