@@ -57,6 +57,27 @@ def common_hf_fields(cfg: dict, *, norm_eps_key: str = "rms_norm_eps") -> dict:
     )
 
 
+# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over. Every architecture has
+# these; each model file's GGUF_NAMES adds the names of its MLP.
+GGUF_BASE_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+}
+# The pre-norm block's gated MLP (Llama, Mistral, Gemma).
+GGUF_GATED_MLP_NAMES = {
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
+
+
 GGUF = "GGUF metadata"
 
 

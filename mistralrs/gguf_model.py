@@ -18,34 +18,6 @@ from .layers import CausalLM
 from .linears import QuantEmbedding, QuantLinear
 from .weights import load_state
 
-# llama.cpp's converter permutes the Q and K rows of these architectures so that its interleaved rotary sees pairs
-# (x[i], x[i + D/2]) side by side: within each head, row (c, i) goes to (i, c) for c in {0, 1}, i < D/2.
-PERMUTED_QK = ("llama",)
-# ... and stores these norm weights as 1 + w.
-NORM_PLUS_ONE = ("gemma",)
-LOADERS = {"llama": "LlamaLoader, MistralLoader or MixtralLoader (when llama.expert_count is set)",
-           "gemma": "GemmaLoader", "phi2": "Phi2Loader"}
-
-# llama.cpp's tensor names -> ours ({i} layer); the .weight / .bias suffix carries over. Every architecture has
-# these; each model file's GGUF_NAMES adds the names of its MLP.
-GGUF_BASE_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
-}
-# The pre-norm block's gated MLP (Llama, Mistral, Gemma).
-GGUF_GATED_MLP_NAMES = {
-    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
-    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
-    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
-    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
-}
-
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERT = re.compile(r"\.(\d+)$")
 
@@ -120,48 +92,35 @@ def resident_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def check_architecture(gfile: GGUFFile, module, loader_name: str) -> str:
-    arch = gfile.metadata.get("general.architecture")
-    if not isinstance(arch, str):
-        raise ValueError(f"{gfile.path}: GGUF metadata has no 'general.architecture'")
-    if arch not in module.GGUF_ARCHITECTURES:
-        fits = LOADERS.get(arch)
-        hint = f"load it with {fits}" if fits else f"mistralrs has no loader for it; supported: {', '.join(LOADERS)}"
-        raise ValueError(f"{gfile.path} holds a {arch!r} model (general.architecture), which {loader_name} does not "
-                         f"load; {hint}")
-    return arch
-
-
-def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.device,
-                    loader_name: str) -> tuple[CausalLM, object]:
-    """(model, args) of architecture `module` from `gfile`, with quantized weights kept as stored."""
+def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, object]:
+    """(model, args) of the architecture of model file `module` from `gfile`, with quantized weights kept as stored.
+    The caller has checked that general.architecture is one of module.GGUF_ARCHITECTURES. The model file declares
+    its GGUF_NAMES map and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE)."""
     path, tensors = gfile.path, gfile.tensors
-    arch = check_architecture(gfile, module, loader_name)
+    arch = gfile.metadata["general.architecture"]
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
     md = {f"{arch}.vocab_size": tensors["token_embd.weight"].shape[0], **gfile.metadata}
     try:
-        args = module.Args.from_gguf(md)
+        args = module.Args.from_gguf(md, set(tensors))
         _check_args(args, tensors)
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:  # also metadata values of the wrong type
         raise ValueError(f"{path}: {e}") from None
     args.tie_word_embeddings = False  # lm_head always gets a tensor here: token_embd's when the file has no output
-    if hasattr(args, "attention_bias"):
-        args.attention_bias = "blk.0.attn_q.bias" in tensors
     with torch.device("meta"):
         model = module.build(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         raw = map_names(module.GGUF_NAMES, gfile, expected)
         raw.setdefault("lm_head.weight", raw.get("model.embed_tokens.weight"))
-        if arch in PERMUTED_QK:
+        if module.GGUF_PERMUTED_QK:
             for proj, heads in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
                 for name in [n for n in raw if f".self_attn.{proj}." in n]:
                     raw[name] = unpermute_rows(raw[name], heads)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     _check_names(raw, expected, path)
-    state = _materialize(model, raw, dtype, device, norm_plus_one=arch in NORM_PLUS_ONE)
+    state = _materialize(model, raw, dtype, device, norm_plus_one=module.GGUF_NORM_PLUS_ONE)
     load_state(model, state, str(path))
     if "rope_freqs.weight" in tensors:
         _rope_factors(model, tensors["rope_freqs.weight"], path)

@@ -140,7 +140,8 @@ class ArchLoader:
                              f"(is_gguf=True)")
         else:
             qfile = read_ggml(path, gqa=o.gqa or 1)
-        model, args = load_gguf_model(m, qfile, dtype, device, type(self).__name__)
+        check_architecture(qfile, type(self))
+        model, args = load_gguf_model(m, qfile, dtype, device)
         return model, args, qfile
 
     def _load_quantized(self, token, revision, quantized_revision, dtype, device, kv_cache_tokens,
@@ -179,6 +180,24 @@ class MixtralLoader(ArchLoader):
 
 class Phi2Loader(ArchLoader):
     module = phi2
+
+
+ARCH_LOADERS = (LlamaLoader, MistralLoader, MixtralLoader, GemmaLoader, Phi2Loader)
+
+
+def check_architecture(qfile, loader: type[ArchLoader]) -> None:
+    """The file's general.architecture must be one the loader's model file reads; else name the loaders that do."""
+    arch = qfile.metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise ValueError(f"{qfile.path}: GGUF metadata has no 'general.architecture'")
+    if arch in loader.module.GGUF_ARCHITECTURES:
+        return
+    fits = [c.__name__ for c in ARCH_LOADERS if arch in c.module.GGUF_ARCHITECTURES]
+    known = dict.fromkeys(a for c in ARCH_LOADERS for a in c.module.GGUF_ARCHITECTURES)
+    hint = (f"load it with {', '.join(fits[:-1])} or {fits[-1]}" if len(fits) > 1 else f"load it with {fits[0]}"
+            ) if fits else f"mistralrs has no loader for it; supported: {', '.join(known)}"
+    raise ValueError(f"{qfile.path} holds a {arch!r} model (general.architecture), which {loader.__name__} does not "
+                     f"load; {hint}")
 
 
 def _arch(loader_class) -> type[ArchLoader]:

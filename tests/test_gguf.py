@@ -21,6 +21,7 @@ import mistralrs
 from mistralrs import ChatCompletionRequest, QuantizedLoader
 from mistralrs.gguf_file import read_gguf
 from mistralrs.gguf_model import load_gguf_model, resident_bytes
+from mistralrs.loader import check_architecture
 from mistralrs.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs.linears import QuantEmbedding, QuantLinear
 from mistralrs.model_runner import SeqState
@@ -311,7 +312,8 @@ def rewrite(src: Path, dst: Path, *, drop=lambda key: False, edit=lambda key, va
 def load_file(path, arch="llama"):
     """Everything the loader does with the file, without a Runner."""
     f = read_gguf(path)
-    load_gguf_model(ARCHS[arch].module, f, torch.float32, torch.device("cpu"), "TestLoader")
+    check_architecture(f, ARCHS[arch])
+    load_gguf_model(ARCHS[arch].module, f, torch.float32, torch.device("cpu"))
     tokenizer_from_gguf(f.metadata, path)
 
 

@@ -1,8 +1,7 @@
 """Gemma: embeddings scaled by sqrt(hidden), RMSNorm with a (1 + w) weight, GeGLU MLP, explicit head_dim, tied lm_head."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_gguf_fields, common_hf_fields
-from ..gguf_model import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES
+from ..config import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("gemma",)
@@ -11,6 +10,8 @@ HF_RENAMES: list[tuple[str, str]] = []
 # llama.cpp's converter stores Gemma's norm weights as 1 + w and leaves out `output` (tied to token_embd).
 GGUF_ARCHITECTURES = ("gemma",)
 GGUF_NAMES = {**GGUF_BASE_NAMES, **GGUF_GATED_MLP_NAMES}
+GGUF_PERMUTED_QK = False
+GGUF_NORM_PLUS_ONE = True
 
 
 @dataclass
@@ -25,7 +26,7 @@ class GemmaArgs(ModelArgs):
         return cls(**fields)
 
     @classmethod
-    def from_gguf(cls, md: dict) -> "GemmaArgs":
+    def from_gguf(cls, md: dict, tensor_names: set[str]) -> "GemmaArgs":
         return cls(**common_gguf_fields(md), hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True)
 
 

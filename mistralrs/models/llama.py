@@ -1,8 +1,8 @@
 """Llama: pre-norm blocks, RMSNorm, rotary (optionally llama3-scaled), GQA attention, SwiGLU MLP."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_no_experts
-from ..gguf_model import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES
+from ..config import (GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields,
+                      gguf_no_experts)
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("llama",)
@@ -10,6 +10,9 @@ HF_RENAMES: list[tuple[str, str]] = []  # the checkpoint names are ours
 
 GGUF_ARCHITECTURES = ("llama",)
 GGUF_NAMES = {**GGUF_BASE_NAMES, **GGUF_GATED_MLP_NAMES}
+# llama.cpp's converter permutes the Q and K rows of "llama" models for its interleaved rotary: undone at load.
+GGUF_PERMUTED_QK = True
+GGUF_NORM_PLUS_ONE = False
 
 
 @dataclass
@@ -21,9 +24,9 @@ class LlamaArgs(ModelArgs):
         return cls(**common_hf_fields(cfg), attention_bias=cfg.get("attention_bias", False))
 
     @classmethod
-    def from_gguf(cls, md: dict) -> "LlamaArgs":
+    def from_gguf(cls, md: dict, tensor_names: set[str]) -> "LlamaArgs":
         gguf_no_experts(md)
-        return cls(**common_gguf_fields(md))
+        return cls(**common_gguf_fields(md), attention_bias="blk.0.attn_q.bias" in tensor_names)
 
 
 Args = LlamaArgs

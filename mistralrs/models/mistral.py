@@ -1,8 +1,8 @@
 """Mistral: Llama's graph plus sliding-window attention (each token sees the last `sliding_window` positions)."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_no_experts
-from ..gguf_model import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES
+from ..config import (GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields,
+                      gguf_get, gguf_no_experts)
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("mistral",)
@@ -11,6 +11,9 @@ HF_RENAMES: list[tuple[str, str]] = []
 # llama.cpp writes Mistral as a "llama" model, without its sliding window.
 GGUF_ARCHITECTURES = ("llama",)
 GGUF_NAMES = {**GGUF_BASE_NAMES, **GGUF_GATED_MLP_NAMES}
+# llama.cpp's converter permutes the Q and K rows of "llama" models for its interleaved rotary: undone at load.
+GGUF_PERMUTED_QK = True
+GGUF_NORM_PLUS_ONE = False
 
 
 @dataclass
@@ -20,7 +23,7 @@ class MistralArgs(ModelArgs):
         return cls(**common_hf_fields(cfg), sliding_window=cfg.get("sliding_window"))
 
     @classmethod
-    def from_gguf(cls, md: dict) -> "MistralArgs":
+    def from_gguf(cls, md: dict, tensor_names: set[str]) -> "MistralArgs":
         gguf_no_experts(md)
         return cls(**common_gguf_fields(md), sliding_window=gguf_get(md, "attention.sliding_window"))
 

@@ -1,8 +1,8 @@
 """Mixtral: Mistral's attention with a sparse mixture of SwiGLU experts (top-k routing) in place of the MLP."""
 from dataclasses import dataclass
 
-from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require, require
-from ..gguf_model import GGUF_BASE_NAMES
+from ..config import (GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require,
+                      require)
 from ..layers import Attention, CausalLM, PreNormBlock, RMSNorm, Rotary, SparseMoE
 
 MODEL_TYPES = ("mixtral",)
@@ -24,6 +24,9 @@ GGUF_NAMES = {
     "blk.{i}.ffn_down.{e}": "model.layers.{i}.mlp.experts.{e}.w2",
     "blk.{i}.ffn_up.{e}": "model.layers.{i}.mlp.experts.{e}.w3",
 }
+# As for Llama, the converter permutes Q and K rows (undone at load).
+GGUF_PERMUTED_QK = True
+GGUF_NORM_PLUS_ONE = False
 
 
 @dataclass
@@ -38,7 +41,7 @@ class MixtralArgs(ModelArgs):
                    num_experts_per_tok=require(cfg, "num_experts_per_tok"))
 
     @classmethod
-    def from_gguf(cls, md: dict) -> "MixtralArgs":
+    def from_gguf(cls, md: dict, tensor_names: set[str]) -> "MixtralArgs":
         return cls(**common_gguf_fields(md), sliding_window=gguf_get(md, "attention.sliding_window"),
                    num_local_experts=gguf_require(md, "expert_count"),
                    num_experts_per_tok=gguf_require(md, "expert_used_count"))

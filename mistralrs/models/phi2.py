@@ -3,8 +3,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..config import ModelArgs, common_gguf_fields, common_hf_fields, gguf_get
-from ..gguf_model import GGUF_BASE_NAMES
+from ..config import GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get
 from ..layers import Attention, CausalLM, ParallelBlock, Rotary, activation
 
 MODEL_TYPES = ("phi",)
@@ -20,6 +19,8 @@ GGUF_NAMES = {
     "blk.{i}.ffn_up": "model.layers.{i}.mlp.fc1",
     "blk.{i}.ffn_down": "model.layers.{i}.mlp.fc2",
 }
+GGUF_PERMUTED_QK = False
+GGUF_NORM_PLUS_ONE = False
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Phi2Args(ModelArgs):
                    or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 0.5))
 
     @classmethod
-    def from_gguf(cls, md: dict) -> "Phi2Args":
+    def from_gguf(cls, md: dict, tensor_names: set[str]) -> "Phi2Args":
         fields = common_gguf_fields(md, norm_eps_key="attention.layer_norm_epsilon")
         rotary_dim = gguf_get(md, "rope.dimension_count", fields["head_dim"] // 2)
         return cls(**fields, hidden_act="gelu_new", partial_rotary_factor=rotary_dim / fields["head_dim"])
