@@ -182,3 +182,18 @@ def _weights(model_id: str, revision: str | None, token: str | bool) -> list[Pat
         raise FileNotFoundError(f"no safetensors weights found in {_where(model_id, revision)}: expected "
                                 f"model.safetensors.index.json or model.safetensors")
     return [single]
+
+
+def quantized_path(repo_id: str, filename: str, revision: str | None, token) -> Path:
+    """quantized_model_id "" means quantized_filename is a local path; otherwise a file of that repo (or local dir)."""
+    if not isinstance(filename, str) or not filename:
+        raise ValueError(f"quantized_filename must be a non-empty str, got {filename!r}")
+    if repo_id == "":
+        path = Path(filename)
+        if not path.is_file():
+            raise FileNotFoundError(f"quantized_filename {filename!r} does not exist or is not a file "
+                                    f"(quantized_model_id=\"\" means a local path)")
+        return path
+    if not isinstance(repo_id, str):
+        raise TypeError(f"quantized_model_id must be a str (hub repo id, local directory, or \"\"), got {repo_id!r}")
+    return repo_file(repo_id, filename, revision=revision or "main", token=token)

@@ -1,4 +1,5 @@
 """The loaders of the API: five architecture classes and the four wrappers that pick a model kind."""
+import logging
 import os
 from dataclasses import dataclass
 
@@ -11,10 +12,15 @@ from .gguf_file import read_gguf
 from .gguf_model import load_gguf_model
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
-from .pipeline import Pipeline, eos_ids, kv_blocks, load_tokenizer, quantized_path, quantized_tokenizer
+from .block_manager import BlockManager
+from .pipeline import Pipeline
+from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .requests import ModelKind, model_dtype
 from .weights import load_state, read_safetensors
 from .xlora_model import load_xlora
+
+log = logging.getLogger("mistralrs")
+CPU_KV_CACHE_TOKENS = 8192
 
 @dataclass
 class LoaderOptions:
@@ -35,8 +41,7 @@ class LoaderOptions:
     def check(self):
         if not isinstance(self.kind, ModelKind):
             raise TypeError(f"kind must be a mistralrs.ModelKind, got {self.kind!r}")
-        xlora = self.kind in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML)
-        quantized = self.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
+        xlora, quantized = self.kind.is_xlora, self.kind.is_quantized
         # A GGUF file can carry its own tokenizer, so a quantized model needs no model_id.
         if not isinstance(self.model_id, str) and not (quantized and self.model_id is None):
             raise TypeError(f"model_id must be a str (hub repo id or local directory), got {self.model_id!r}")
@@ -61,9 +66,11 @@ class ArchLoader:
                  xlora_model_id=None, chat_template=None, tokenizer_json=None, tgt_non_granular_index=None):
         if isinstance(model_id, os.PathLike):  # a Path would reach the response JSON as "model" and fail there
             model_id = os.fspath(model_id)
-        self.options = LoaderOptions(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
-                                     quantized_model_id, quantized_filename, xlora_model_id, chat_template,
-                                     tokenizer_json, tgt_non_granular_index)
+        self.options = LoaderOptions(
+            model_id=model_id, kind=kind, no_kv_cache=no_kv_cache, use_flash_attn=use_flash_attn,
+            repeat_last_n=repeat_last_n, gqa=gqa, order_file=order_file, quantized_model_id=quantized_model_id,
+            quantized_filename=quantized_filename, xlora_model_id=xlora_model_id, chat_template=chat_template,
+            tokenizer_json=tokenizer_json, tgt_non_granular_index=tgt_non_granular_index)
         if model_id is not None or kind is not ModelKind.Normal:
             self.options.check()
 
@@ -79,8 +86,7 @@ class ArchLoader:
         from .runner import Runner
 
         o = self.options
-        quantized = o.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
-        if o.model_id is None and not quantized:
+        if o.model_id is None and not o.kind.is_quantized:
             raise ValueError(f"{type(self).__name__} needs a model_id to load")
         o.check()
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
@@ -88,16 +94,20 @@ class ArchLoader:
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = model_dtype(dtype, device)
-        if quantized:
-            pipeline = self._load_quantized(token, revision, quantized_revision, dtype, device, kv_cache_tokens,
-                                            block_size, xlora_revision)
-        else:
-            pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size,
-                                         xlora_revision)
+        loaded = (self._quantized(token, revision, quantized_revision, dtype, device) if o.kind.is_quantized
+                  else self._normal(token, revision, dtype, device))
+        model, kv_sets = self._maybe_xlora(loaded.model, loaded.args, token, xlora_revision, dtype, device)
+        blocks = kv_cache(loaded.args, dtype, device, kv_cache_tokens, block_size, kv_sets)
+        template, special = chat_template.resolve(o.chat_template, loaded.tok_cfg)
+        pipeline = Pipeline(
+            model_id=loaded.model_id, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache),
+            tokenizer=loaded.tokenizer, chat_template=template, special_tokens=special,
+            eos_token_ids=eos_ids(loaded.tokenizer, special, *loaded.eos_configs),
+            max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
+            repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
 
-    def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size,
-                     xlora_revision=None) -> Pipeline:
+    def _normal(self, token, revision, dtype, device) -> "Loaded":
         o, m = self.options, self.module
         files = hub.model_files(o.model_id, revision=revision, token=token, tokenizer_json=o.tokenizer_json)
         cfg = read_json(files.config)
@@ -108,32 +118,34 @@ class ArchLoader:
         with torch.device("meta"):
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
-        model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
-        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
-        template, special = chat_template.resolve(o.chat_template, tok_cfg)
         gen_cfg = read_json(files.generation_config) if files.generation_config else {}
-        return Pipeline(
-            model_id=o.model_id, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache), tokenizer=tokenizer,
-            chat_template=template, special_tokens=special, eos_token_ids=eos_ids(tokenizer, special, cfg, gen_cfg),
-            max_model_len=args.max_position_embeddings, vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n,
-            device=device, dtype=dtype)
+        return Loaded(o.model_id, model, args, tokenizer, tok_cfg, (cfg, gen_cfg))
+
+    def _quantized(self, token, revision, quantized_revision, dtype, device) -> "Loaded":
+        o = self.options
+        model, args, qfile = self._quantized_base(token, quantized_revision, dtype, device)
+        tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
+        md = qfile.metadata
+        cfg = {"eos_token_id": [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+                                if isinstance(md.get(k), int)]}
+        return Loaded(o.model_id or o.quantized_filename, model, args, tokenizer, tok_cfg, (cfg, gen_cfg))
 
     def _maybe_xlora(self, model, args, token, xlora_revision, dtype, device):
         """(model, KV sets): for the X-LoRA kinds, model wrapped with its adapters and classifier, and 2 KV sets,
         the scaling pass's and the real pass's (see xlora.py)."""
         o = self.options
-        if o.kind not in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML):
+        if not o.kind.is_xlora:
             return model, 1
         return load_xlora(model, self.module.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id,
                           args.hidden_size, dtype, device, o.tgt_non_granular_index, revision=xlora_revision or "main",
                           token=token), 2
 
-    def quantized_base(self, token, quantized_revision, dtype, device):
+    def _quantized_base(self, token, quantized_revision, dtype, device):
         """(model, args, file) of a GGUF or GGML model, weights kept quantized; also the base of X-LoRA on GGUF/GGML."""
         o, m = self.options, self.module
-        path = quantized_path(o.quantized_model_id, o.quantized_filename, quantized_revision, token)
-        if o.kind in (ModelKind.QuantizedGGUF, ModelKind.XLoraGGUF):
+        path = hub.quantized_path(o.quantized_model_id, o.quantized_filename, quantized_revision, token)
+        if o.kind.is_gguf:
             qfile = read_gguf(path)
         elif m is not llama:
             raise ValueError(f"legacy GGML files hold Llama models only; {type(self).__name__} loads GGUF files "
@@ -144,22 +156,33 @@ class ArchLoader:
         model, args = load_gguf_model(m, qfile, dtype, device)
         return model, args, qfile
 
-    def _load_quantized(self, token, revision, quantized_revision, dtype, device, kv_cache_tokens,
-                        block_size, xlora_revision=None) -> Pipeline:
-        o = self.options
-        model, args, qfile = self.quantized_base(token, quantized_revision, dtype, device)
-        model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
-        tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
-        template, special = chat_template.resolve(o.chat_template, tok_cfg)
-        md = qfile.metadata
-        cfg = {"eos_token_id": [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-                                if isinstance(md.get(k), int)]}
-        blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
-        return Pipeline(
-            model_id=o.model_id or o.quantized_filename, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache),
-            tokenizer=tokenizer, chat_template=template, special_tokens=special,
-            eos_token_ids=eos_ids(tokenizer, special, cfg, gen_cfg), max_model_len=args.max_position_embeddings,
-            vocab_size=args.vocab_size, repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
+
+@dataclass
+class Loaded:
+    """A model and its tokenizer as read from the files, before X-LoRA and the KV cache."""
+    model_id: str
+    model: torch.nn.Module
+    args: object
+    tokenizer: object
+    tok_cfg: dict
+    eos_configs: tuple[dict, dict]  # config.json-like and generation_config.json-like dicts with eos_token_id
+
+
+def kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets: int = 1) -> BlockManager:
+    """kv_sets K/V caches per layer under one block table (X-LoRA: 2)."""
+    n_layers = kv_sets * args.num_hidden_layers
+    per_token = 2 * n_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
+    if kv_cache_tokens is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            kv_cache_tokens = int(0.9 * free) // per_token
+        else:
+            kv_cache_tokens = CPU_KV_CACHE_TOKENS
+    num_blocks = max(1, kv_cache_tokens // block_size)
+    log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
+             num_blocks * block_size * per_token / 2**20)
+    return BlockManager(n_layers, num_blocks, block_size, args.num_key_value_heads, args.head_dim,
+                        dtype, device)
 
 
 class MistralLoader(ArchLoader):
@@ -220,26 +243,30 @@ class _Wrapper:
 class NormalLoader(_Wrapper):
     def __init__(self, loader_class, /, model_id, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64, gqa=None,
                  chat_template=None, tokenizer_json=None):
-        self.inner = _arch(loader_class)(model_id, ModelKind.Normal, no_kv_cache, use_flash_attn, repeat_last_n, gqa,
-                                         None, None, None, None, chat_template, tokenizer_json, None)
+        self.inner = _arch(loader_class)(model_id, ModelKind.Normal, no_kv_cache=no_kv_cache,
+                                         use_flash_attn=use_flash_attn, repeat_last_n=repeat_last_n, gqa=gqa,
+                                         chat_template=chat_template, tokenizer_json=tokenizer_json)
 
 
 class XLoraLoader(_Wrapper):
     def __init__(self, loader_class, /, model_id, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64, gqa=None,
                  order_file=None, xlora_model_id=None, chat_template=None, tokenizer_json=None,
                  tgt_non_granular_index=None):
-        self.inner = _arch(loader_class)(model_id, ModelKind.XLoraNormal, no_kv_cache, use_flash_attn, repeat_last_n,
-                                         gqa, order_file, None, None, xlora_model_id, chat_template, tokenizer_json,
-                                         tgt_non_granular_index)
+        self.inner = _arch(loader_class)(model_id, ModelKind.XLoraNormal, no_kv_cache=no_kv_cache,
+                                         use_flash_attn=use_flash_attn, repeat_last_n=repeat_last_n, gqa=gqa,
+                                         order_file=order_file, xlora_model_id=xlora_model_id,
+                                         chat_template=chat_template, tokenizer_json=tokenizer_json,
+                                         tgt_non_granular_index=tgt_non_granular_index)
 
 
 class QuantizedLoader(_Wrapper):
     def __init__(self, loader_class, /, model_id, is_gguf, no_kv_cache=False, use_flash_attn=None, repeat_last_n=64,
                  gqa=None, quantized_model_id=None, quantized_filename=None, chat_template=None, tokenizer_json=None):
         kind = ModelKind.QuantizedGGUF if _is_gguf(is_gguf) else ModelKind.QuantizedGGML
-        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, None,
-                                         quantized_model_id, quantized_filename, None, chat_template, tokenizer_json,
-                                         None)
+        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache=no_kv_cache, use_flash_attn=use_flash_attn,
+                                         repeat_last_n=repeat_last_n, gqa=gqa, quantized_model_id=quantized_model_id,
+                                         quantized_filename=quantized_filename, chat_template=chat_template,
+                                         tokenizer_json=tokenizer_json)
 
 
 class XLoraQuantizedLoader(_Wrapper):
@@ -247,9 +274,11 @@ class XLoraQuantizedLoader(_Wrapper):
                  gqa=1, order_file=None, quantized_model_id=None, quantized_filename=None, xlora_model_id=None,
                  chat_template=None, tokenizer_json=None, tgt_non_granular_index=None):
         kind = ModelKind.XLoraGGUF if _is_gguf(is_gguf) else ModelKind.XLoraGGML
-        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache, use_flash_attn, repeat_last_n, gqa, order_file,
-                                         quantized_model_id, quantized_filename, xlora_model_id, chat_template,
-                                         tokenizer_json, tgt_non_granular_index)
+        self.inner = _arch(loader_class)(model_id, kind, no_kv_cache=no_kv_cache, use_flash_attn=use_flash_attn,
+                                         repeat_last_n=repeat_last_n, gqa=gqa, order_file=order_file,
+                                         quantized_model_id=quantized_model_id, quantized_filename=quantized_filename,
+                                         xlora_model_id=xlora_model_id, chat_template=chat_template,
+                                         tokenizer_json=tokenizer_json, tgt_non_granular_index=tgt_non_granular_index)
 
 
 def _is_gguf(is_gguf) -> bool:

@@ -13,6 +13,19 @@ class ModelKind(enum.Enum):
     QuantizedGGUF = 5
     QuantizedGGML = 6
 
+    @property
+    def is_xlora(self) -> bool:
+        return self in (ModelKind.XLoraNormal, ModelKind.XLoraGGUF, ModelKind.XLoraGGML)
+
+    @property
+    def is_quantized(self) -> bool:
+        """Weights from a GGUF or legacy GGML file (with or without X-LoRA adapters)."""
+        return self not in (ModelKind.Normal, ModelKind.XLoraNormal)
+
+    @property
+    def is_gguf(self) -> bool:
+        return self in (ModelKind.QuantizedGGUF, ModelKind.XLoraGGUF)
+
 
 class DType(enum.Enum):
     U8 = "u8"

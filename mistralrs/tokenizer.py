@@ -1,0 +1,59 @@
+"""A model's tokenizer and its stop ids: tokenizer.json (from the repo or the tokenizer_json override) or, for a
+GGUF/GGML file without one, the file's own tokenizer.ggml.* vocabulary; EOS ids from every config file together."""
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from . import hub
+from .config import read_json
+from .gguf_tokenizer import tokenizer_from_gguf
+
+
+def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dict]:
+    if files.tokenizer_json is None:
+        raise FileNotFoundError(f"{model_id} has no tokenizer.json; pass tokenizer_json= to the loader")
+    tok_cfg = read_json(files.tokenizer_config) if files.tokenizer_config else {}
+    return tokenizer_from_file(files.tokenizer_json), tok_cfg
+
+
+def quantized_tokenizer(qfile, model_id: str | None, tokenizer_json: str | None, revision,
+                        token) -> tuple[Tokenizer, dict, dict]:
+    """Tokenizer, tokenizer_config and generation_config of a GGUF/GGML model: tokenizer_json, else model_id's
+    tokenizer.json, else the file's own tokenizer.ggml.* metadata. model_id's tokenizer_config.json (chat template,
+    special tokens) wins over the file's; no config.json is read."""
+    kw = dict(revision=revision, token=token)
+    path, tok_cfg, gen_cfg = None, {}, {}
+    if tokenizer_json is not None:
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer_json {tokenizer_json!r} does not exist or is not a file")
+    if model_id is not None:
+        path = path or hub.optional_repo_file(model_id, "tokenizer.json", **kw)
+        if p := hub.optional_repo_file(model_id, "tokenizer_config.json", **kw):
+            tok_cfg = read_json(p)
+        if p := hub.optional_repo_file(model_id, "generation_config.json", **kw):
+            gen_cfg = read_json(p)
+    has_vocab = bool(qfile.metadata.get("tokenizer.ggml.tokens"))
+    if path is None and not has_vocab:
+        raise FileNotFoundError(f"{qfile.path} carries no tokenizer (tokenizer.ggml.*) and none was given: pass "
+                                f"model_id (a repo with tokenizer.json) or tokenizer_json")
+    file_tok, file_cfg = tokenizer_from_gguf(qfile.metadata, qfile.path) if has_vocab else (None, {})
+    tokenizer = tokenizer_from_file(path) if path is not None else file_tok
+    return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg
+
+
+def tokenizer_from_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception that does not name the file
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+
+
+def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
+    """EOS from generation_config.json, config.json and tokenizer_config.json together."""
+    ids = set()
+    for value in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if special.get("eos_token") is not None and tokenizer.token_to_id(special["eos_token"]) is not None:
+        ids.add(tokenizer.token_to_id(special["eos_token"]))
+    return ids
