@@ -14,9 +14,7 @@ class SeqState:
     releases the sequence's blocks."""
     tokens: list[int]
     num_cached: int = 0
-    # X-LoRA with tgt_non_granular_index: the position whose scalings every later token reuses, and those scalings
-    xlora_freeze_at: int | None = None
-    xlora_frozen: torch.Tensor | None = None  # [n_layers, A]
+    model_state: object = None  # the model's own per-sequence state (X-LoRA: frozen scalings); only it reads this
 
 
 class ModelRunner:
@@ -26,6 +24,11 @@ class ModelRunner:
         Runner's scheduler, which acts on it: the forward is the same either way."""
         self.model, self.kv_caches, self.device, self.no_kv_cache = model, kv_caches, device, no_kv_cache
         self.num_blocks, self.block_size = kv_caches[0][0].shape[:2]
+        # A model that keeps state per sequence (X-LoRA, in seq.model_state) has a step() that takes the batch's
+        # sequences too; a CausalLM is a function of its inputs. (CausalLM itself has no step(): layers.py is shared
+        # by every architecture and has no reason to know about sequences.)
+        self.forward = model.step if hasattr(model, "step") else (
+            lambda ids, positions, meta, kv_caches, seqs: model(ids, positions, meta, kv_caches))
 
     def metadata(self, seqs: list[SeqState], block_tables: list[list[int]]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -54,40 +57,9 @@ class ModelRunner:
         """Run every sequence's uncached tokens; logits [B, V] at each last token, or [T, V] for all new tokens.
         block_tables[i]: the blocks of seqs[i], enough for all its tokens."""
         ids, positions, meta = self.metadata(seqs, block_tables)
-        if getattr(self.model, "tgt_non_granular_index", None) is None:
-            hidden = self.model(ids, positions, meta, self.kv_caches)
-        else:
-            hidden = self._xlora_non_granular(seqs, ids, positions, meta)
+        hidden = self.forward(ids, positions, meta, self.kv_caches, seqs)
         if not all_logits:
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: the last new token of each sequence
         for s in seqs:
             s.num_cached = len(s.tokens)
         return self.model.logits(hidden)
-
-    def _xlora_non_granular(self, seqs: list[SeqState], ids, positions, meta) -> torch.Tensor:
-        """X-LoRA whose scalings stop at completion token tgt_non_granular_index, per sequence: the token at
-        position p = prompt_len - 1 + tgt keeps its own scalings and every later token reuses them (tgt=0: the last
-        prompt token's). Earlier tokens, also when recomputed after a preemption, get their own."""
-        tgt, cu = self.model.tgt_non_granular_index, meta.cu_seqlens_q.tolist()
-        src, extra = list(range(ids.shape[0])), []  # token t takes row src[t] of [this step's scalings; extra]
-        for s, a, b in zip(seqs, cu, cu[1:]):
-            if s.xlora_freeze_at is None:  # the first step of a sequence holds exactly its prompt
-                s.xlora_freeze_at = len(s.tokens) - 1 + tgt
-            p = s.xlora_freeze_at
-            if s.xlora_frozen is not None:
-                row = ids.shape[0] + len(extra)
-                extra.append(s.xlora_frozen)
-            elif s.num_cached <= p < len(s.tokens):
-                row = a + p - s.num_cached
-            else:
-                continue
-            for t in range(max(a, a + p + 1 - s.num_cached), b):
-                src[t] = row
-        frozen = (torch.tensor(src, device=self.device), torch.stack(extra) if extra else None)
-        hidden, scalings = self.model(ids, positions, meta, self.kv_caches, frozen=frozen,
-                                      return_scalings=True)
-        for s, a in zip(seqs, cu):
-            at = s.xlora_freeze_at - s.num_cached  # its index among this step's tokens
-            if s.xlora_frozen is None and 0 <= at < len(s.tokens) - s.num_cached:
-                s.xlora_frozen = scalings[a + at].clone()
-        return hidden

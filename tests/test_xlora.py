@@ -268,7 +268,7 @@ def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
             s.tokens.append(t)
     for s, ids in zip(seqs, prompts):
         assert s.tokens[len(ids):] == peft_non_granular_greedy(ref_model, ids, 10, tgt)
-        assert s.xlora_frozen is not None and s.xlora_freeze_at == len(ids) - 1 + tgt
+        assert s.model_state.scalings is not None and s.model_state.at == len(ids) - 1 + tgt
     # the check can fail: frozen scalings change the logits of the later tokens
     ids = seqs[0].tokens
     with torch.no_grad():
