@@ -94,7 +94,7 @@ class Engine:
             return
         try:
             with record_function("mistralrs.forward"):
-                logits = self.pipeline.model_runner.step(batch)
+                logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch))
             with record_function("mistralrs.sample"):
                 n = self.pipeline.repeat_last_n
                 allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)

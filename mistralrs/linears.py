@@ -1,5 +1,7 @@
 """Weight representations swapped in for nn.Linear / nn.Embedding at load time: GGUF blocks kept as stored
 (QuantLinear, QuantEmbedding) and X-LoRA adapters around a base linear (XLoraLinear). Model files never name them."""
+import contextlib
+
 import torch
 from torch import nn
 
@@ -57,11 +59,30 @@ class QuantEmbedding(nn.Module):
 
 
 class XLoraContext:
-    """The scalings of the pass being run, [T, n_layers, A], or None for no adapters. One per model, shared by its
-    XLoraLinear layers: the X-LoRA model sets it around each pass, so Attention and MLP signatures stay unchanged."""
+    """The scalings [T, n_layers, A] of the X-LoRA pass being run (None: a pass without adapters), shared by one
+    model's XLoraLinear layers. Not an argument because an XLoraLinear stands in for an nn.Linear that layers.py's
+    Attention and MLPs call as proj(x): passing the scalings explicitly would thread X-LoRA's input through every
+    block, attention and MLP signature of every architecture. Instead the X-LoRA model opens the context for exactly
+    one base-model pass (`with ctx.run(scalings):`), and an XLoraLinear called outside a pass raises."""
 
     def __init__(self):
-        self.scalings: torch.Tensor | None = None
+        self._running, self._scalings = False, None
+
+    @contextlib.contextmanager
+    def run(self, scalings: torch.Tensor | None):
+        if self._running:
+            raise RuntimeError("an X-LoRA pass is already running on this model")
+        self._running, self._scalings = True, scalings
+        try:
+            yield
+        finally:
+            self._running, self._scalings = False, None
+
+    @property
+    def scalings(self) -> torch.Tensor | None:
+        if not self._running:
+            raise RuntimeError("an XLoraLinear ran outside an X-LoRA pass: run the XLoraCausalLM, not its base model")
+        return self._scalings
 
 
 class XLoraLinear(nn.Module):
@@ -76,11 +97,11 @@ class XLoraLinear(nn.Module):
         self.register_buffer("adapter_scale", adapter_scale)  # [A]: alpha / r * global_scaling_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.ctx.scalings is None:
+        out, scalings = self.base(x), self.ctx.scalings
+        if scalings is None:
             return out
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
-        s = self.ctx.scalings[:, self.index, :].contiguous()  # [T, A]
+        s = scalings[:, self.index, :].contiguous()  # [T, A]
         delta = kernels.xlora_delta(x2, self.lora_a, self.lora_b, s, self.adapter_scale)
         return out + delta.view(out.shape)
 

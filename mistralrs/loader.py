@@ -12,7 +12,6 @@ from .gguf_file import read_gguf
 from .gguf_model import load_gguf_model
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
-from .block_manager import BlockManager
 from .pipeline import Pipeline
 from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .requests import ModelKind, model_dtype
@@ -168,8 +167,12 @@ class Loaded:
     eos_configs: tuple[dict, dict]  # config.json-like and generation_config.json-like dicts with eos_token_id
 
 
-def kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets: int = 1) -> BlockManager:
-    """kv_sets K/V caches per layer under one block table (X-LoRA: 2)."""
+def kv_cache(args, dtype, device, kv_cache_tokens, block_size,
+             kv_sets: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The paged KV cache: per layer, K and V [NB, BS, KVH, D]; kv_sets of them per model layer under one block
+    table (X-LoRA: 2). The model runner holds them; the scheduler's block manager hands out their NB blocks."""
+    if block_size < 1:
+        raise ValueError(f"the KV cache needs blocks of at least one token (got block_size={block_size})")
     n_layers = kv_sets * args.num_hidden_layers
     per_token = 2 * n_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
     if kv_cache_tokens is None:
@@ -181,8 +184,9 @@ def kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets: int = 1)
     num_blocks = max(1, kv_cache_tokens // block_size)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
              num_blocks * block_size * per_token / 2**20)
-    return BlockManager(n_layers, num_blocks, block_size, args.num_key_value_heads, args.head_dim,
-                        dtype, device)
+    shape = (num_blocks, block_size, args.num_key_value_heads, args.head_dim)  # [NB, BS, KVH, D]
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(n_layers)]
 
 
 class MistralLoader(ArchLoader):

@@ -12,6 +12,7 @@ import uuid
 import torch
 
 from . import chat_template
+from .block_manager import BlockManager
 from .engine import END, STOP, Engine
 from .grammar import GrammarCompiler
 from .requests import ChatCompletionRequest, CompletionRequest
@@ -51,7 +52,8 @@ class Runner:
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
         self.pipeline = pipeline
         self.truncate_sequence = truncate_sequence
-        self.scheduler = Scheduler(pipeline.model_runner, max_seqs)
+        mr = pipeline.model_runner
+        self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size), max_seqs, no_kv_cache=mr.no_kv_cache)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
         self._log = JsonLines(logfile)
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
@@ -143,10 +145,9 @@ class Runner:
         if len(ids) >= max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens, the model holds {max_len} (prompt + completion); "
                              "load with truncate_sequence=True to keep the prompt's last tokens")
-        blocks = self.pipeline.model_runner.blocks
-        if blocks.blocks_for(len(ids) + 1) > blocks.num_blocks:
+        if len(ids) + 1 > self.scheduler.capacity:  # the prompt and the first completion token
             raise ValueError(f"the prompt has {len(ids)} tokens and can never fit the KV cache "
-                             f"({blocks.num_blocks * blocks.block_size} tokens); load with a larger kv_cache_tokens")
+                             f"({self.scheduler.capacity} tokens); load with a larger kv_cache_tokens")
         return ids
 
     def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings) -> Request:

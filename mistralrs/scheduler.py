@@ -1,75 +1,92 @@
-"""Which sequences run in the next step: admission by max_seqs and free KV blocks, preemption when blocks run out.
+"""Which sequences run in the next step, and the KV blocks they run with: admission by max_seqs and free blocks,
+allocation, preemption when blocks run out, release when a sequence finishes.
 
 Running sequences decode one token per step. Waiting ones (new, or preempted and to be recomputed) are admitted in
 arrival order while fewer than max_seqs run, the step's prefill stays within its token budget, and their whole
 context fits in the free blocks. When a running sequence cannot get a block for its next token, the most recently
-admitted one is preempted: its blocks are freed and it waits to be recomputed from its tokens.
+admitted one is preempted: its blocks are freed and it waits to be recomputed from its tokens. Every sequence of a
+step gets its blocks here, before the model runs; the model runner only reads the block tables.
 """
 from collections import deque
 
-from .model_runner import ModelRunner
-from .sequence import Sequence
+from .block_manager import BlockManager
+from .model_runner import SeqState
 
 
 class Scheduler:
-    def __init__(self, model_runner: ModelRunner, max_seqs: int, max_prefill_tokens: int = 4096):
-        self.model_runner, self.max_seqs, self.max_prefill_tokens = model_runner, max_seqs, max_prefill_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+    def __init__(self, blocks: BlockManager, max_seqs: int, max_prefill_tokens: int = 4096,
+                 no_kv_cache: bool = False):
+        """no_kv_cache: release every sequence's blocks before each step, so that the model recomputes its whole
+        context every step (the loader's option, for debugging the cache)."""
+        self.blocks, self.max_seqs, self.max_prefill_tokens = blocks, max_seqs, max_prefill_tokens
+        self.no_kv_cache = no_kv_cache
+        self.waiting: deque[SeqState] = deque()
+        self.running: list[SeqState] = []
         self.preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    @property
+    def capacity(self) -> int:
+        """Tokens the KV cache can ever hold for one sequence."""
+        return self.blocks.capacity
+
+    def add(self, seq: SeqState) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        self.model_runner.release(seq)
+    def block_tables(self, seqs: list[SeqState]) -> list[list[int]]:
+        return [self.blocks.table(s) for s in seqs]
+
+    def remove(self, seq: SeqState) -> None:
+        self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: SeqState) -> None:
+        self.blocks.release(seq)
+        seq.num_cached = 0
+
+    def _preempt(self, seq: SeqState) -> None:
         self.preemptions += 1
         self.running.remove(seq)
-        self.model_runner.release(seq)
+        self._release(seq)
         self.waiting.appendleft(seq)
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """The sequences of the next step, and those that can never fit the cache (to be finished by the caller)."""
-        free = self.model_runner.blocks.num_free
-        decodes, too_long = [], []
+    def schedule(self) -> tuple[list[SeqState], list[SeqState]]:
+        """The sequences of the next step, each holding the blocks for all its tokens, and those that can never fit
+        the cache (to be finished by the caller)."""
+        if self.no_kv_cache:
+            for seq in self.running:
+                self._release(seq)
+        blocks, decodes, too_long = self.blocks, [], []
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted below to make room for an older sequence
-            need = self.model_runner.blocks_needed(seq)
+            need = blocks.blocks_needed(seq, len(seq.tokens))
             # Victims come from the back of `running`, which this loop has not reached yet.
-            while need > free and self.running[-1] is not seq:
-                victim = self.running[-1]
-                free += len(victim.block_table)
-                self._preempt(victim)
-            if need > free and decodes:  # older sequences hold the rest of the cache: wait for them
-                free += len(seq.block_table)
+            while need > blocks.num_free and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if need > blocks.num_free and decodes:  # older sequences hold the rest of the cache: wait for them
                 self._preempt(seq)
                 continue
-            if need > free:  # alone in the cache and still out of room
+            if need > blocks.num_free:  # alone in the cache and still out of room
                 too_long.append(seq)
                 continue
-            free -= need
+            blocks.grow(seq, len(seq.tokens))
             decodes.append(seq)
 
         prefills, budget = [], self.max_prefill_tokens
         while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            need = self.model_runner.blocks_needed(seq)
             new_tokens = len(seq.tokens) - seq.num_cached
-            if need > free or (prefills and new_tokens > budget):
+            if blocks.blocks_needed(seq, len(seq.tokens)) > blocks.num_free or (prefills and new_tokens > budget):
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            blocks.grow(seq, len(seq.tokens))
             prefills.append(seq)
-            free -= need
             budget -= new_tokens
         return decodes + prefills, too_long

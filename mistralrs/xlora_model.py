@@ -12,6 +12,7 @@ causal, so the scalings of position t depend only on tokens <= t, the same as PE
 
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,6 +95,14 @@ def read_classifier(xlora_model_id: str, cfg: XLoraConfig, n_layers: int, dtype,
     return Classifier(cfg, linears, n_layers, A).requires_grad_(False)
 
 
+@dataclass
+class FrozenScalings:
+    """A sequence's X-LoRA state under tgt_non_granular_index, kept in its model_state (only XLoraCausalLM.step
+    reads or writes it). It outlives a preemption: the recomputed tokens after `at` reuse the same scalings."""
+    at: int  # the position whose scalings every later token reuses: prompt_len - 1 + tgt_non_granular_index
+    scalings: torch.Tensor | None = None  # [n_layers, A], once position `at` has run
+
+
 class XLoraCausalLM(nn.Module):
     """The base CausalLM with its LoRA linears swapped for XLoraLinear, run twice per step (see the module doc).
     kv_caches holds 2 * n_layers K/V pairs: the scaling pass's, then the real pass's."""
@@ -102,34 +111,72 @@ class XLoraCausalLM(nn.Module):
                  tgt_non_granular_index: int | None = None):
         super().__init__()
         self.base, self.classifier, self.ctx, self.cfg = base, classifier, ctx, cfg
-        self.tgt_non_granular_index = tgt_non_granular_index  # read by ModelRunner, which keeps the per-seq state
+        self.tgt_non_granular_index = tgt_non_granular_index
+
+    def step(self, input_ids, positions, meta, kv_caches, seqs) -> torch.Tensor:
+        """The model runner's call, with the batch's sequences (their tokens, num_cached and model_state).
+        tgt_non_granular_index freezes the scalings per sequence: the token at position p = prompt_len - 1 + tgt
+        keeps its own and every later token reuses them (tgt=0: the last prompt token's). Earlier tokens, also when
+        recomputed after a preemption, get their own."""
+        if self.tgt_non_granular_index is None:
+            return self(input_ids, positions, meta, kv_caches)
+        hidden, scalings = self(input_ids, positions, meta, kv_caches, frozen=self._frozen_rows(seqs),
+                                return_scalings=True)
+        a = 0
+        for s in seqs:
+            state, new = s.model_state, len(s.tokens) - s.num_cached
+            at = state.at - s.num_cached  # its index among this sequence's new tokens
+            if state.scalings is None and 0 <= at < new:
+                state.scalings = scalings[a + at].clone()
+            a += new
+        return hidden
+
+    def _frozen_rows(self, seqs) -> tuple[list[int], torch.Tensor | None]:
+        """(src [T], extra [F, n_layers, A] or None): token t takes row src[t] of [this step's scalings; extra]."""
+        T = sum(len(s.tokens) - s.num_cached for s in seqs)
+        src, extra, a = list(range(T)), [], 0
+        for s in seqs:
+            start, n = s.num_cached, len(s.tokens)
+            if s.model_state is None:  # the first step of a sequence holds exactly its prompt
+                s.model_state = FrozenScalings(at=n - 1 + self.tgt_non_granular_index)
+            state, b = s.model_state, a + n - start  # this sequence's tokens are a..b-1 of the step
+            row = None  # the freeze point is still ahead
+            if state.scalings is not None:
+                row = T + len(extra)
+                extra.append(state.scalings)
+            elif start <= state.at < n:
+                row = a + state.at - start
+            if row is not None:
+                first = max(a, a + state.at + 1 - start)  # the first token after the freeze point
+                src[first:b] = [row] * (b - first)
+            a = b
+        return src, torch.stack(extra) if extra else None
 
     def forward(self, input_ids, positions, meta, kv_caches, frozen=None, return_scalings=False):
-        """frozen: (src [T] int64, extra [F, n_layers, A] or None): token t takes row src[t] of this step's scalings
-        followed by extra (tgt_non_granular_index). When no token takes its own step's scalings, the scaling pass is
-        skipped; its cache is then not written there, and no later scaling pass reads those positions."""
+        """frozen: (src [T] list of int, extra [F, n_layers, A] or None): token t takes row src[t] of this step's
+        scalings followed by extra (tgt_non_granular_index). When no token takes its own step's scalings, the scaling
+        pass is skipped; its cache is then not written there, and no later scaling pass reads those positions."""
         n = len(self.base.model.layers)
         if len(kv_caches) != 2 * n:
             raise ValueError(f"X-LoRA needs 2 * {n} KV cache layers (scaling pass + real pass), got {len(kv_caches)}")
         T, c = input_ids.shape[0], self.cfg.scaling_pass_value
         dtype = self.classifier.linears[0].weight.dtype
-        try:
-            if frozen is not None and bool((frozen[0] >= T).all()):
-                scalings = frozen[1][frozen[0] - T]
-            else:
-                # scaling pass value 0 means every adapter term is 0: skip them (same result as PEFT).
-                self.ctx.scalings = None if c == 0 else torch.full(
-                    (T, self.classifier.n_layers, self.classifier.n_adapters), c, dtype=dtype, device=input_ids.device)
+        src = None if frozen is None else torch.tensor(frozen[0], device=input_ids.device)
+        if frozen is not None and min(frozen[0]) >= T:
+            scalings = frozen[1][src - T]
+        else:
+            # scaling pass value 0 means every adapter term is 0: skip them (same result as PEFT).
+            fill = None if c == 0 else torch.full((T, self.classifier.n_layers, self.classifier.n_adapters), c,
+                                                  dtype=dtype, device=input_ids.device)
+            with self.ctx.run(fill):
                 hidden = self.base(input_ids, positions, meta, kv_caches[:n])
-                scalings = self.classifier(hidden.to(dtype))
-                if frozen is not None:
-                    rows = scalings if frozen[1] is None else torch.cat([scalings, frozen[1].to(dtype)])
-                    scalings = rows[frozen[0]]
-            self.ctx.scalings = scalings
+            scalings = self.classifier(hidden.to(dtype))
+            if frozen is not None:
+                rows = scalings if frozen[1] is None else torch.cat([scalings, frozen[1].to(dtype)])
+                scalings = rows[src]
+        with self.ctx.run(scalings):
             out = self.base(input_ids, positions, meta, kv_caches[n:])
-            return (out, scalings) if return_scalings else out
-        finally:
-            self.ctx.scalings = None
+        return (out, scalings) if return_scalings else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.base.logits(hidden)

@@ -24,7 +24,9 @@ from mistralrs.gguf_model import load_gguf_model, resident_bytes
 from mistralrs.loader import check_architecture
 from mistralrs.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs.linears import QuantEmbedding, QuantLinear
-from mistralrs.model_runner import SeqState
+
+import test_models
+from test_models import all_logits as logits
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 Q = gguf.GGMLQuantizationType
@@ -72,20 +74,8 @@ def load_safetensors(path, arch):
     return mistralrs.NormalLoader(ARCHS[arch], model_id=str(path)).load(token_source="none", **KV)
 
 
-def logits(runner, ids):
-    mr = runner.pipeline.model_runner
-    seq = SeqState(list(ids))
-    out = mr.step([seq], all_logits=True)
-    mr.release(seq)
-    return out
-
-
 def greedy(runner, ids, n=32):
-    mr, seq = runner.pipeline.model_runner, SeqState(list(ids))
-    for _ in range(n):
-        seq.tokens.append(int(mr.step([seq]).argmax(-1)))
-    mr.release(seq)
-    return seq.tokens[len(ids):]
+    return test_models.greedy(runner, ids, n)
 
 
 # ---- F32: the same model as the safetensors checkpoint ----

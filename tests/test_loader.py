@@ -341,7 +341,7 @@ def test_dtype_loads_in_that_dtype(llama, dtype, torch_dtype):
     with load(llama, dtype=dtype) as r:
         assert r.pipeline.dtype == torch_dtype
         assert {t.dtype for t in state(r).values()} == {torch_dtype}
-        assert {c.dtype for c in r.pipeline.model_runner.blocks.kv_caches[0]} == {torch_dtype}
+        assert {c.dtype for c in r.pipeline.model_runner.kv_caches[0]} == {torch_dtype}
         assert chat(r)["usage"]["completion_tokens"] == 1  # and it runs
 
 

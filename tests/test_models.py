@@ -4,7 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import mistralrs
+from mistralrs.block_manager import BlockManager
 from mistralrs.model_runner import SeqState
+from mistralrs.scheduler import Scheduler
 
 ARCHS = {
     "llama": mistralrs.LlamaLoader,
@@ -32,11 +34,43 @@ def prompt_ids(runner):
     return ids
 
 
-def greedy(model_runner, ids, n):
-    seq = SeqState(list(ids))
+class Driver:
+    """Steps sequences as the engine does, minus sampling: a scheduler of its own allocates their blocks (the
+    Runner's engine thread keeps its own, idle while a test drives the model), the runner's model runner runs them."""
+
+    def __init__(self, runner, max_seqs: int = 8):
+        self.mr = runner.pipeline.model_runner
+        self.scheduler = Scheduler(BlockManager(self.mr.num_blocks, self.mr.block_size), max_seqs,
+                                   no_kv_cache=self.mr.no_kv_cache)
+
+    def step(self, seqs, all_logits=False):
+        """One step of exactly these sequences; those not yet scheduled are added."""
+        sched = self.scheduler
+        for s in seqs:
+            if s not in sched.running and s not in sched.waiting:
+                sched.add(s)
+        batch, too_long = sched.schedule()
+        assert batch == seqs and not too_long, "the test's sequences must fit the KV cache together"
+        return self.mr.step(batch, sched.block_tables(batch), all_logits=all_logits)
+
+    def finish(self, *seqs):
+        for s in seqs:
+            self.scheduler.remove(s)
+
+
+def all_logits(runner, ids):
+    """[T, V]: the logits of every prompt token, from one prefill."""
+    d, seq = Driver(runner), SeqState(list(ids))
+    out = d.step([seq], all_logits=True)
+    d.finish(seq)
+    return out
+
+
+def greedy(runner, ids, n):
+    d, seq = Driver(runner), SeqState(list(ids))
     for _ in range(n):
-        seq.tokens.append(int(model_runner.step([seq]).argmax(-1)))
-    model_runner.release(seq)
+        seq.tokens.append(int(d.step([seq]).argmax(-1)))
+    d.finish(seq)
     return seq.tokens[len(ids):]
 
 
@@ -52,13 +86,9 @@ def test_logits_match_transformers(tiny_models, arch):
     ids = prompt_ids(runner)
     with torch.no_grad():
         ref = hf_model(tiny_models[arch])(torch.tensor([ids])).logits[0]
-    mr = runner.pipeline.model_runner
-    seq = SeqState(list(ids))
-    ours = mr.step([seq], all_logits=True)
-    mr.release(seq)
-    seq = SeqState(list(ids))
-    last = mr.step([seq])[0]
-    mr.release(seq)
+    ours = all_logits(runner, ids)
+    d, seq = Driver(runner), SeqState(list(ids))
+    last = d.step([seq])[0]
     diff = (ours - ref).abs().max().item()
     print(f"{arch}: max |logits - transformers| = {diff:.2e}")  # shown with -s
     assert diff <= 1e-4, diff
@@ -70,7 +100,7 @@ def test_logits_match_transformers(tiny_models, arch):
 def test_greedy_matches_transformers(tiny_models, arch, no_kv_cache):
     runner = load(tiny_models[arch], arch, no_kv_cache=no_kv_cache)
     ids = prompt_ids(runner)
-    ours = greedy(runner.pipeline.model_runner, ids, 32)
+    ours = greedy(runner, ids, 32)
     assert ours == hf_greedy(hf_model(tiny_models[arch]), ids, 32)
     assert len(set(ours)) >= 8
 
@@ -84,8 +114,7 @@ def test_float16(tiny_models, arch):
     with torch.no_grad():
         ref32 = hf_model(tiny_models[arch])(torch.tensor([ids])).logits[0]
         ref16 = hf_model(tiny_models[arch], torch.float16)(torch.tensor([ids])).logits[0].float()
-    seq = SeqState(list(ids))
-    ours = runner.pipeline.model_runner.step([seq], all_logits=True)
+    ours = all_logits(runner, ids)
     torch.testing.assert_close(ours, ref16, atol=1e-1, rtol=2e-2)  # logits reach ~10: fp16 ulp there is 8e-3
     assert (ours - ref32).abs().max() <= 2 * (ref16 - ref32).abs().max() + 1e-2
 
@@ -100,7 +129,7 @@ def test_sharded_checkpoint_equals_single_file(tiny_models, tiny_sharded_llama):
 def test_paged_cache_in_small_blocks_matches_one_big_block(tiny_models):
     """Block boundaries inside the prompt and during decode change nothing."""
     ids = prompt_ids(load(tiny_models["mistral"], "mistral"))
-    small = load(tiny_models["mistral"], "mistral", block_size=3, kv_cache_tokens=300).pipeline.model_runner
-    big = load(tiny_models["mistral"], "mistral", block_size=256, kv_cache_tokens=512).pipeline.model_runner
+    small = load(tiny_models["mistral"], "mistral", block_size=3, kv_cache_tokens=300)
+    big = load(tiny_models["mistral"], "mistral", block_size=256, kv_cache_tokens=512)
     assert greedy(small, ids, 16) == greedy(big, ids, 16)
 

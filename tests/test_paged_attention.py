@@ -113,12 +113,11 @@ def test_greedy_generation_with_triton_ops_equals_reference(tiny_models, monkeyp
 
     loader = mistralrs.NormalLoader(ARCHS[arch], model_id=str(tiny_models[arch]))
     with loader.load(token_source="none", block_size=16) as runner:
-        mr = runner.pipeline.model_runner
         ids = prompt_ids(runner)
         monkeypatch.setattr(kernels, "BACKEND", "reference")
-        expected = greedy(mr, ids, 12)
+        expected = greedy(runner, ids, 12)
         monkeypatch.setattr(kernels, "BACKEND", "triton")
-        assert greedy(mr, ids, 12) == expected
+        assert greedy(runner, ids, 12) == expected
 
 
 GPU_CASES = {

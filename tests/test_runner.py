@@ -262,11 +262,11 @@ def test_engine_failure_fails_only_its_request(llama):
     step = llama.pipeline.model_runner.step
     calls = []
 
-    def broken(seqs, **kw):
+    def broken(*args, **kw):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected failure")
-        return step(seqs, **kw)
+        return step(*args, **kw)
 
     llama.pipeline.model_runner.step = broken
     try:

@@ -12,7 +12,7 @@ import mistralrs
 from mistralrs import CompletionRequest
 from mistralrs.model_runner import SeqState
 
-from test_models import ARCHS, PROMPT, greedy
+from test_models import ARCHS, PROMPT, Driver, all_logits, greedy
 
 VARIANTS = {"depth1": dict(depth=1), "depth2": dict(depth=2), "depth2_layerwise": dict(depth=2, layerwise=True)}
 
@@ -57,10 +57,7 @@ def test_prefill_logits_match_peft(tiny_models, repos, variant):
         ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
         plain = TOOL._hf_model(base)(torch.tensor([ids])).logits[0]
     scalings = ref_model.get_latest_scalings()[0]  # [T, n_layers, A]
-    mr = runner.pipeline.model_runner
-    seq = SeqState(list(ids))
-    ours = mr.step([seq], all_logits=True)
-    mr.release(seq)
+    ours = all_logits(runner, ids)
     diff = (ours - ref).abs().max().item()
     print(f"{variant}: max |logits - PEFT X-LoRA| = {diff:.2e}")  # shown with -s
     assert diff <= 1e-4, diff
@@ -79,17 +76,14 @@ def test_every_architecture_matches_peft(tiny_models, tmp_path, arch):
     ref_model = TOOL.peft_xlora(base, repo)
     with torch.no_grad():
         ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
-    mr = runner.pipeline.model_runner
-    seq = SeqState(list(ids))
-    ours = mr.step([seq], all_logits=True)
-    mr.release(seq)
+    ours = all_logits(runner, ids)
     diff = (ours - ref).abs().max().item()
     print(f"{arch}: max |logits - PEFT X-LoRA| = {diff:.2e}")
     assert diff <= 1e-4, diff
     ref_model.generation_config.eos_token_id = None
     with torch.no_grad():
         out = ref_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    assert greedy(mr, ids, 8) == out[0, len(ids):].tolist()
+    assert greedy(runner, ids, 8) == out[0, len(ids):].tolist()
 
 
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])
@@ -98,7 +92,7 @@ def test_greedy_matches_peft_generate(tiny_models, repos, variant, no_kv_cache):
     base = tiny_models["llama"]
     runner = load(base, repos[variant], no_kv_cache=no_kv_cache)
     ids = prompt_ids(runner)
-    ours = greedy(runner.pipeline.model_runner, ids, 16)
+    ours = greedy(runner, ids, 16)
     ref_model = TOOL.peft_xlora(base, repos[variant])
     ref_model.generation_config.eos_token_id = None
     with torch.no_grad():  # PEFT's X-LoRA generate recomputes the whole sequence every step (use_cache=False)
@@ -110,12 +104,11 @@ def test_greedy_matches_peft_generate(tiny_models, repos, variant, no_kv_cache):
 def test_ragged_batch_equals_single_runs(tiny_models, repos):
     """Two sequences of different lengths share prefill and decode steps; each matches its solo run."""
     runner = load(tiny_models["llama"], repos["depth2"])
-    mr = runner.pipeline.model_runner
     prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
-    solo = [greedy(mr, ids, 8) for ids in prompts]
-    seqs = [SeqState(list(ids)) for ids in prompts]
+    solo = [greedy(runner, ids, 8) for ids in prompts]
+    d, seqs = Driver(runner), [SeqState(list(ids)) for ids in prompts]
     for _ in range(8):
-        nxt = mr.step(seqs).argmax(-1).tolist()
+        nxt = d.step(seqs).argmax(-1).tolist()
         for s, t in zip(seqs, nxt):
             s.tokens.append(t)
     assert [s.tokens[len(p):] for s, p in zip(seqs, prompts)] == solo
@@ -160,7 +153,7 @@ def test_ordering_without_base_model_id(tiny_models, repos, tmp_path):
     del order["base_model_id"]
     (tmp_path / "o.json").write_text(json.dumps(order))
     runner = load(tiny_models["llama"], repos["depth1"], order_file=tmp_path / "o.json")
-    assert len(greedy(runner.pipeline.model_runner, prompt_ids(runner), 2)) == 2
+    assert len(greedy(runner, prompt_ids(runner), 2)) == 2
 
 
 def _bad_ordering(repos, tmp_path, change):
@@ -267,23 +260,24 @@ def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
     loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
                                    xlora_model_id=str(repo), tgt_non_granular_index=tgt, no_kv_cache=no_kv_cache)
     runner = loader.load(token_source="none")
-    mr, ref_model = runner.pipeline.model_runner, TOOL.peft_xlora(base, repo)
+    d, ref_model = Driver(runner), TOOL.peft_xlora(base, repo)
     prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
     seqs = [SeqState(list(ids)) for ids in prompts]
     for _ in range(10):
-        for s, t in zip(seqs, mr.step(seqs).argmax(-1).tolist()):
+        for s, t in zip(seqs, d.step(seqs).argmax(-1).tolist()):
             s.tokens.append(t)
     for s, ids in zip(seqs, prompts):
         assert s.tokens[len(ids):] == peft_non_granular_greedy(ref_model, ids, 10, tgt)
-        assert s.xlora_frozen is not None and s.xlora_freeze_at == len(ids) - 1 + tgt
+        assert s.model_state.scalings is not None and s.model_state.at == len(ids) - 1 + tgt
     # the check can fail: frozen scalings change the logits of the later tokens
     ids = seqs[0].tokens
     with torch.no_grad():
         free = ref_model(input_ids=torch.tensor([ids])).logits[0, -1]
+    d.finish(*seqs)
     s = SeqState(list(ids[:len(prompts[0])]))
-    mr.step([s])
+    d.step([s])
     s.tokens = list(ids)
-    assert (mr.step([s])[0] - free).abs().max().item() > 1e-2
+    assert (d.step([s])[0] - free).abs().max().item() > 1e-2
 
 
 def test_tgt_non_granular_index_survives_preemption(tiny_models, repos):
@@ -293,12 +287,12 @@ def test_tgt_non_granular_index_survives_preemption(tiny_models, repos):
     loader = mistralrs.XLoraLoader(mistralrs.LlamaLoader, model_id=str(base), order_file=str(repo / "ordering.json"),
                                    xlora_model_id=str(repo), tgt_non_granular_index=2)
     runner = loader.load(token_source="none")
-    mr, ids = runner.pipeline.model_runner, prompt_ids(runner)
+    d, ids = Driver(runner), prompt_ids(runner)
     seq = SeqState(list(ids))
     for step in range(10):
         if step == 6:
-            mr.release(seq)  # what the scheduler does on preemption
-        seq.tokens.append(int(mr.step([seq]).argmax(-1)))
+            d.scheduler._preempt(seq)  # as when an older sequence needs its blocks
+        seq.tokens.append(int(d.step([seq]).argmax(-1)))
     assert seq.tokens[len(ids):] == peft_non_granular_greedy(TOOL.peft_xlora(base, repo), ids, 10, 2)
 
 
@@ -333,11 +327,7 @@ def _prefill_vs_peft(runner, base, repo):
     ids = prompt_ids(runner)
     with torch.no_grad():
         ref = TOOL.peft_xlora(base, repo)(input_ids=torch.tensor([ids])).logits[0]
-    mr = runner.pipeline.model_runner
-    seq = SeqState(list(ids))
-    ours = mr.step([seq], all_logits=True)
-    mr.release(seq)
-    return (ours - ref).abs().max().item()
+    return (all_logits(runner, ids) - ref).abs().max().item()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -377,4 +367,4 @@ def test_ggml_base(tiny_models, tmp_path, qtype):
     else:
         q_proj = runner.pipeline.model_runner.model.base.model.layers[0].self_attn.q_proj
         assert q_proj.base.qweight.dtype == torch.uint8 and q_proj.lora_a.dtype == torch.float32
-        assert len(greedy(runner.pipeline.model_runner, prompt_ids(runner), 4)) == 4
+        assert len(greedy(runner, prompt_ids(runner), 4)) == 4

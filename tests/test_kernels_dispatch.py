@@ -1,0 +1,86 @@
+"""mistralrs.kernels, the one dispatch point: which implementation each op runs for each backend and device, and the
+MISTRALRS_KERNELS environment variable. The implementations are replaced by recorders: no kernel runs here."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from mistralrs import kernels
+from mistralrs.kernels import paged_attention, quant_matmul, reference, xlora_mix
+
+
+class CudaTensor:  # all the dispatch reads of a tensor is its device
+    is_cuda = True
+
+
+CPU = torch.zeros(1)
+# op -> (its arguments given the first tensor, the reference function, the Triton module and function)
+OPS = {
+    "store_kv": (lambda x: (x, x, x, x, x), (reference, "store_kv"), (paged_attention, "store_kv")),
+    "prefill_attention": (lambda x: (x, x, x, x, x, x, 1.0), (reference, "paged_attention"),
+                          (paged_attention, "paged_attention")),
+    "decode_attention": (lambda x: (x, x, x, x, x, x, 1.0), (reference, "paged_attention"),
+                         (paged_attention, "paged_decode_attention")),
+    "gguf_matmul": (lambda x: (x, x, Q.Q4_0, 8, 32), (reference, "quant_matmul"), (quant_matmul, "quant_matmul")),
+    "xlora_delta": (lambda x: (x, x, x, x, x), (reference, "xlora_mix"), (xlora_mix, "xlora_mix")),
+}
+# (BACKEND, device) -> which implementation runs
+EXPECTED = {("auto", "cpu"): "reference", ("auto", "cuda"): "triton", ("triton", "cpu"): "triton",
+            ("triton", "cuda"): "triton", ("reference", "cpu"): "reference", ("reference", "cuda"): "reference"}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every reference and Triton implementation replaced by one that records ("reference" | "triton", name)."""
+    made = []
+    for _, ref, tri in OPS.values():
+        for kind, (module, name) in (("reference", ref), ("triton", tri)):
+            monkeypatch.setattr(module, name, lambda *a, _k=kind, _n=name, **kw: made.append((_k, _n)))
+    return made
+
+
+@pytest.mark.parametrize("backend, device", list(EXPECTED))
+@pytest.mark.parametrize("op", OPS)
+def test_backend_and_device_pick_the_implementation(monkeypatch, calls, op, backend, device):
+    args, ref, tri = OPS[op]
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    getattr(kernels, op)(*args(CudaTensor() if device == "cuda" else CPU))
+    kind = EXPECTED[backend, device]
+    assert calls == [(kind, (ref if kind == "reference" else tri)[1])]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_gguf_types_without_a_triton_kernel_use_the_reference(monkeypatch, calls, backend):
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    assert Q.Q2_K not in quant_matmul.SUPPORTED
+    kernels.gguf_matmul(CudaTensor(), None, Q.Q2_K, 8, 256)
+    assert calls == [("reference", "quant_matmul")]
+
+
+def import_kernels_with(monkeypatch, value: str | None):
+    """A fresh execution of mistralrs/kernels/__init__.py under MISTRALRS_KERNELS=value (None: unset), outside
+    sys.modules, so the package the rest of the tests use keeps its backend."""
+    if value is None:
+        monkeypatch.delenv("MISTRALRS_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("MISTRALRS_KERNELS", value)
+    path = Path(kernels.__file__)
+    spec = importlib.util.spec_from_file_location("mistralrs.kernels", path,
+                                                  submodule_search_locations=[str(path.parent)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("value, backend", [(None, "auto"), ("auto", "auto"), ("triton", "triton"),
+                                            ("reference", "reference")])
+def test_environment_variable_sets_the_backend(monkeypatch, value, backend):
+    assert import_kernels_with(monkeypatch, value).BACKEND == backend
+
+
+@pytest.mark.parametrize("value", ["cuda", "Triton", "", "torch"])
+def test_bad_environment_value_raises_naming_the_allowed_ones(monkeypatch, value):
+    with pytest.raises(ValueError, match=rf"MISTRALRS_KERNELS='{value}'; allowed: auto, triton, reference"):
+        import_kernels_with(monkeypatch, value)
