@@ -23,6 +23,8 @@ def token_bytes(tokenizer, token: int) -> bytes:
         return bytes([int(piece[3:5], 16)])
     if isinstance(tokenizer.decoder, decoders.ByteLevel) and all(c in _byte_level_alphabet() for c in piece):
         return bytes(_byte_level_alphabet()[c] for c in piece)
+    if "\u2581" in piece:  # SentencePiece's word mark: a space, which decoding a lone token would strip
+        return piece.replace("\u2581", " ").encode("utf-8")
     return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
