@@ -3,11 +3,13 @@
 inbox -> scheduler -> model step -> sample -> output.py (detokenize, stop checks, JSON) -> each request's reply
 queue / stream
 """
+import contextlib
 import json
 import logging
 import queue
 import threading
 
+import torch
 from torch.profiler import record_function
 
 from .grammar import allowed_tokens
@@ -19,6 +21,12 @@ from .sequence import Request, Sequence
 log = logging.getLogger("mistralrs")
 END = object()   # the last item of a stream's reply queue
 STOP = object()  # tells the engine thread to end
+
+
+def phase(name: str):
+    """A record_function range naming an engine phase in a torch.profiler trace (tools/profile.py). Opening one
+    costs about 20 us even with no profiler running, so it is opened only while one records this thread."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 class Engine:
@@ -88,23 +96,21 @@ class Engine:
             return True
 
     def _step(self) -> None:
-        # The record_function ranges name the phases in a torch.profiler trace (tools/profile.py); they cost
-        # nothing when no profiler runs.
-        with record_function("mistralrs.schedule"):
+        with phase("mistralrs.schedule"):
             batch, too_long = self.scheduler.schedule()
             for seq in too_long:
                 self._finish(seq, "length")
         if not batch:
             return
         try:
-            with record_function("mistralrs.forward"):
+            with phase("mistralrs.forward"):
                 logits = self.pipeline.model_runner.step(batch)
-            with record_function("mistralrs.sample"):
+            with phase("mistralrs.sample"):
                 n = self.pipeline.repeat_last_n
                 allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
                 sampled = sample(logits, [s.params for s in batch], [s.tokens[-n:] if n else [] for s in batch],
                                  [s.generator for s in batch], allowed)
-            with record_function("mistralrs.detokenize"):
+            with phase("mistralrs.detokenize"):
                 for seq, tok, lp, top in zip(batch, sampled.tokens, sampled.logprobs, sampled.top):
                     if seq.group.failed:
                         continue
