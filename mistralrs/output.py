@@ -12,10 +12,12 @@ class Output:
     def __init__(self, tokenizer, model_id: str, eos_token_ids):
         self.tokenizer, self.model_id, self.eos_token_ids = tokenizer, model_id, eos_token_ids
 
-    def advance(self, seq: Sequence, token: int, logprob: float, top) -> str | None:
-        """Append a sampled token to seq and extend its text; the finish reason when the token ends it."""
+    def advance(self, seq: Sequence, token: int, logprob: float | None, top) -> str | None:
+        """Append a sampled token to seq and extend its text; the finish reason when the token ends it.
+        logprob is None when the request needs none (no logprobs reported, no best_of ranking)."""
         seq.tokens.append(token)
-        seq.cum_logprob += logprob
+        if logprob is not None:
+            seq.cum_logprob += logprob
         if seq.group.logprobs:
             seq.logprobs.append((token, logprob, top))
         reason, text_end = None, len(seq.tokens)

@@ -71,7 +71,7 @@ class Runner:
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
         req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=[])
+                         stop_token_ids=request.stop_token_ids or [], stop_strings=[], logprobs=request.logprobs)
         return self._submit(req, request)
 
     def send_completion_request(self, request: CompletionRequest):
@@ -80,9 +80,10 @@ class Runner:
         if request.stream and request.best_of > request.n_choices:
             raise ValueError("best_of > n_choices cannot be streamed: the best candidates are known only at the end")
         ids = self.pipeline.tokenizer.encode(request.prompt, add_special_tokens=True).ids
-        params = self._params(request, logprobs=False, top_logprobs=0)
+        # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
+        params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=list(request.stop_seqs or []))
+                         stop_token_ids=[], stop_strings=list(request.stop_seqs or []), logprobs=False)
         req.echo = request.prompt if request.echo_prompt else ""
         if request.grammar is not None:
             for seq in req.seqs:
@@ -149,14 +150,15 @@ class Runner:
                              f"({blocks.num_blocks * blocks.block_size} tokens); load with a larger kv_cache_tokens")
         return ids
 
-    def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings) -> Request:
+    def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings,
+              logprobs: bool) -> Request:
         ids = self._fit_prompt(ids, r.max_tokens)
         max_len = self.pipeline.max_model_len
         if r.max_tokens is not None:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
         req = Request(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", seqs=[],
-                       n_return=n_return, stream=r.stream, logprobs=params.logprobs, stop_strings=stop_strings)
+                       n_return=n_return, stream=r.stream, logprobs=logprobs, stop_strings=stop_strings)
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
