@@ -4,7 +4,6 @@ inbox -> scheduler -> model step -> sample -> output.py (detokenize, stop checks
 queue / stream
 """
 import contextlib
-import json
 import logging
 import queue
 import threading
@@ -56,10 +55,11 @@ class Engine:
         self.thread.join()
 
     def _send(self, req: Request, item) -> None:
+        """Queue a response or chunk body (a dict, made JSON by the caller's thread), END, or an error."""
         if item is None:  # a stream chunk with nothing to say
             return
-        if isinstance(item, str) and self.on_response is not None:
-            self.on_response(json.loads(item))
+        if isinstance(item, dict) and self.on_response is not None:
+            self.on_response(item)
         req.out.put(item)
 
     def _loop(self) -> None:

@@ -35,7 +35,7 @@ class Output:
                 seq.text, reason = seq.text[:at], "stop"
         return reason
 
-    def chunk(self, seq: Sequence) -> str | None:
+    def chunk(self, seq: Sequence) -> dict | None:
         """The stream chunk of seq's text not sent yet: all of it once seq has finished (with its finish reason and
         usage), else what cannot be the start of a stop string. None when there is nothing to send."""
         req, reason = seq.group, seq.finish_reason
@@ -58,7 +58,7 @@ class Output:
         seq.streamed = upto
         return chunk
 
-    def response(self, req: Request) -> str:
+    def response(self, req: Request) -> dict:
         """The whole answer: best_of keeps the n_return candidates of highest cumulative logprob, best first."""
         best = sorted(req.seqs, key=lambda s: -s.cum_logprob)[: req.n_return] if len(req.seqs) > req.n_return \
             else req.seqs

@@ -24,7 +24,7 @@ TRUNCATE_RESERVE = 10  # completion room kept by truncate_sequence when max_toke
 
 
 class ChatCompletionStreamer:
-    """Iterator of OpenAI chunk JSON strings; ends once every choice has finished."""
+    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished."""
 
     def __init__(self, out: queue.Queue):
         self._out = out
@@ -40,7 +40,7 @@ class ChatCompletionStreamer:
         if isinstance(item, BaseException):
             self._out.put(END)
             raise item
-        return item
+        return json.dumps(item)
 
 
 class Runner:
@@ -56,7 +56,8 @@ class Runner:
         self._log = JsonLines(logfile)
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
         log_response = self._log
-        self.engine = Engine(pipeline, self.scheduler, on_response=lambda r: log_response("response", r))
+        self.engine = Engine(pipeline, self.scheduler,
+                             on_response=(lambda r: log_response("response", r)) if logfile else None)
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):
@@ -175,7 +176,7 @@ class Runner:
         result = req.out.get()
         if isinstance(result, BaseException):
             raise result
-        return result
+        return json.dumps(result)
 
 
 class JsonLines:

@@ -1,6 +1,5 @@
 """output.py without a model: token ids of the demo model's real tokenizer go in as the engine would feed them,
 and the text, chunks and responses are checked against decoding the whole completion at once."""
-import json
 import random
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def feed(out: Output, seq: Sequence, ids: list[int], logprob=-0.5):
 
 
 def streamed_text(chunks) -> str:
-    return "".join(json.loads(c)["choices"][0]["text"] for c in chunks if c is not None)
+    return "".join(c["choices"][0]["text"] for c in chunks if c is not None)
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def test_eos_ends_with_stop_and_is_not_text_but_counts_as_a_token(out):
     ids = tokens(TEXT)[:6]
     _, taken = feed(out, req.seqs[0], ids + [EOS, *ids])
     assert taken == 7
-    r = Completion.model_validate_json(out.response(req))
+    r = Completion.model_validate(out.response(req))
     assert r.choices[0].text == decode(ids) and r.choices[0].finish_reason == "stop"
     prompt_len = len(TOKENIZER.encode(PROMPT).ids)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (prompt_len, 7, prompt_len + 7)
@@ -75,7 +74,7 @@ def test_eos_ends_with_stop_and_is_not_text_but_counts_as_a_token(out):
 def test_length_limit(out):
     req = make_request(max_tokens=5)
     _, taken = feed(out, req.seqs[0], tokens(TEXT))
-    r = Completion.model_validate_json(out.response(req))
+    r = Completion.model_validate(out.response(req))
     assert taken == 5 and r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
     assert r.choices[0].text == decode(tokens(TEXT)[:5])
 
@@ -89,7 +88,7 @@ def test_stop_string_spanning_tokens_is_cut_at_the_token_that_completes_it(out):
     _, taken = feed(out, req.seqs[0], ids)
     completes_at = next(i for i in range(1, len(ids) + 1) if stop in decode(ids[:i]))
     assert taken == completes_at == 5
-    r = Completion.model_validate_json(out.response(req))
+    r = Completion.model_validate(out.response(req))
     assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
@@ -115,11 +114,11 @@ def test_streamed_chunks_equal_the_whole_text_for_any_stop_string(out, seed):
     feed(out, whole.seqs[0], ids)
     chunks, _ = feed(out, stream.seqs[0], ids)
     expected = full[: full.find(stop)]
-    assert json.loads(out.response(whole))["choices"][0]["text"] == expected
+    assert (out.response(whole))["choices"][0]["text"] == expected
     assert streamed_text(chunks) == expected
     for c in chunks[:-1]:  # no chunk before the last ends the stream, the last carries the reason and usage
-        assert c is None or json.loads(c)["choices"][0]["finish_reason"] is None
-    last = json.loads(chunks[-1])
+        assert c is None or c["choices"][0]["finish_reason"] is None
+    last = chunks[-1]
     assert last["choices"][0]["finish_reason"] == "stop" and last["usage"]["completion_tokens"] == len(chunks)
 
 
@@ -135,7 +134,7 @@ def test_partial_utf8_is_held_until_its_character_is_whole(out):
         c = out.chunk(seq)
         texts.append(seq.text)
         assert "\ufffd" not in seq.text, pieces
-        assert c is None or "\ufffd" not in json.loads(c)["choices"][0]["text"]
+        assert c is None or "\ufffd" not in c["choices"][0]["text"]
     assert texts[-1] == " café 🙂"
     # while a character's bytes arrive the text does not move; it grows by the whole character at its last byte
     for i in range(1, len(ids)):
@@ -147,7 +146,7 @@ def test_a_sequence_ending_inside_a_character_keeps_what_a_full_decode_gives(out
     ids = tokens(" 🙂")[:-1]  # the emoji's last byte never comes
     req = make_request(max_tokens=len(ids))
     feed(out, req.seqs[0], ids)
-    assert json.loads(out.response(req))["choices"][0]["text"] == decode(ids)
+    assert (out.response(req))["choices"][0]["text"] == decode(ids)
 
 
 def test_best_of_returns_the_highest_cumulative_logprob_first(out):
@@ -156,7 +155,7 @@ def test_best_of_returns_the_highest_cumulative_logprob_first(out):
     words = [" alpha", " beta", " gamma", " delta"]
     for seq, lp, w in zip(req.seqs, scores, words):
         feed(out, seq, tokens(w * 4)[:4], logprob=lp)
-    r = Completion.model_validate_json(out.response(req))
+    r = Completion.model_validate(out.response(req))
     assert [c.text for c in r.choices] == [decode(tokens(" beta" * 4)[:4]), decode(tokens(" delta" * 4)[:4])]
     assert [c.index for c in r.choices] == [0, 1]
     assert r.usage.completion_tokens == 16  # every candidate's tokens were generated
@@ -166,7 +165,7 @@ def test_n_choices_keep_their_order(out):
     req = make_request(n=3)
     for seq, w in zip(req.seqs, [" one", " two", " three"]):
         feed(out, seq, tokens(w) + [EOS], logprob=-1.0 * (3 - seq.index))
-    assert [c.text for c in Completion.model_validate_json(out.response(req)).choices] == [" one", " two", " three"]
+    assert [c.text for c in Completion.model_validate(out.response(req)).choices] == [" one", " two", " three"]
 
 
 def test_chat_stream_chunks_and_logprobs(out):
@@ -178,7 +177,7 @@ def test_chat_stream_chunks_and_logprobs(out):
         seq.finish_reason = out.advance(seq, t, -0.25, [(t, -0.25)])
         c = out.chunk(seq)
         if c is not None:
-            chunks.append(ChatCompletionChunk.model_validate_json(c))
+            chunks.append(ChatCompletionChunk.model_validate(c))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content for c in chunks) == decode(ids)
     entries = [e for c in chunks for e in c.choices[0].logprobs.content]
@@ -186,7 +185,7 @@ def test_chat_stream_chunks_and_logprobs(out):
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 8
     whole = make_request(chat=True, logprobs=True, max_tokens=8)
     feed(out, whole.seqs[0], ids, logprob=-0.25)
-    r = ChatCompletion.model_validate_json(out.response(whole))
+    r = ChatCompletion.model_validate(out.response(whole))
     assert r.choices[0].message.content == decode(ids) and len(r.choices[0].logprobs.content) == 8
 
 

@@ -46,7 +46,7 @@ def test_chat_completion_with_logprobs_is_a_chat_completion():
                                      [responses.chat_choice(0, DEMO.decode(ids), "stop", lps),
                                       responses.chat_choice(1, "", "length", None)],
                                      responses.usage(7, 5))
-    r = ChatCompletion.model_validate_json(body)
+    r = ChatCompletion.model_validate(body)
     assert r.object == "chat.completion" and r.created == 1700000000 and r.model == "demo"
     assert [c.index for c in r.choices] == [0, 1] and r.choices[1].logprobs is None
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == DEMO.decode(ids)
@@ -59,9 +59,9 @@ def test_chat_completion_with_logprobs_is_a_chat_completion():
 
 
 def test_chat_chunks():
-    first = ChatCompletionChunk.model_validate_json(
+    first = ChatCompletionChunk.model_validate(
         responses.chat_chunk("chatcmpl-1", "demo", 5, 0, "Hel", None, None, True, None))
-    last = ChatCompletionChunk.model_validate_json(
+    last = ChatCompletionChunk.model_validate(
         responses.chat_chunk("chatcmpl-1", "demo", 5, 2, "lo", "stop", None, False, responses.usage(3, 2)))
     assert first.object == "chat.completion.chunk" and first.usage is None
     assert first.choices[0].delta.role == "assistant" and first.choices[0].finish_reason is None
@@ -74,8 +74,9 @@ def test_completion_and_its_chunks():
     body = responses.completion("cmpl-1", "demo", 9, [responses.completion_choice(0, "a b", "length"),
                                                      responses.completion_choice(1, "c", "stop")],
                                 responses.usage(4, 6))
-    r = Completion.model_validate_json(body)
+    r = Completion.model_validate(body)
     assert r.object == "text_completion" and [c.text for c in r.choices] == ["a b", "c"]
     assert [c.finish_reason for c in r.choices] == ["length", "stop"] and r.usage.total_tokens == 10
-    chunk = json.loads(responses.completion("cmpl-1", "demo", 9, [responses.completion_choice(1, "x", None)], None))
+    chunk = responses.completion("cmpl-1", "demo", 9, [responses.completion_choice(1, "x", None)], None)
     assert "usage" not in chunk and chunk["choices"][0]["finish_reason"] is None  # null until the choice ends
+    assert json.loads(json.dumps(body)) == body  # plain JSON types only
