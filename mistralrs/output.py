@@ -4,6 +4,8 @@ advance(seq, token): the token joins the sequence; EOS, stop tokens, the grammar
 strings decide whether it finishes. chunk(seq): a stream's next chunk, holding back text that may still turn into a
 stop string. response(req): the final response once every sequence of the request has finished.
 """
+import functools
+
 from . import responses
 from .sequence import Request, Sequence
 
@@ -27,19 +29,19 @@ class Output:
             reason = "stop"  # the grammar is complete and allows nothing more
         elif len(seq.tokens) >= seq.max_len:
             reason = "length"
-        searched_from = len(seq.text)
+        before = len(seq.text)
         detokenize(self.tokenizer, seq, text_end, final=reason is not None)
-        for s in seq.group.stop_strings:  # only where new text could complete a stop string
-            at = seq.text.find(s, max(0, searched_from - len(s) + 1))
-            if at >= 0:
-                seq.text, reason = seq.text[:at], "stop"
+        if seq.stops is not None and len(seq.text) > before:
+            at = seq.stops.feed(seq.text[before:])
+            if at is not None:
+                seq.text, reason = seq.text[: before + at], "stop"
         return reason
 
     def chunk(self, seq: Sequence) -> dict | None:
         """The stream chunk of seq's text not sent yet: all of it once seq has finished (with its finish reason and
         usage), else what cannot be the start of a stop string. None when there is nothing to send."""
         req, reason = seq.group, seq.finish_reason
-        upto = len(seq.text) if reason else len(seq.text) - held_back(seq.text, req.stop_strings)
+        upto = len(seq.text) if reason or seq.stops is None else len(seq.text) - seq.stops.held()
         delta = seq.text[seq.streamed:upto]
         if not delta and reason is None:
             return None
@@ -85,6 +87,47 @@ def detokenize(tokenizer, seq: Sequence, end: int, final: bool) -> None:
         seq.prefix_offset, seq.read_offset = seq.read_offset, end
 
 
-def held_back(text: str, stop_strings: list[str]) -> int:
-    """How many characters at the end of text could be the start of a stop string (a stream keeps them back)."""
-    return max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+class StopStrings:
+    """Stop strings found in a text that arrives piece by piece: one Knuth-Morris-Pratt automaton per string, so
+    the work is linear in the text whatever the strings' lengths. state[j] is the length of the longest start of
+    strings[j] that the text so far ends with: what a stream must hold back."""
+
+    def __init__(self, strings: list[str]):
+        if not all(strings):
+            raise ValueError(f"stop strings must be non-empty, got {strings!r}")
+        self.strings = strings
+        self.fallback = [fallback(s) for s in strings]
+        self.state = [0] * len(strings)
+
+    def feed(self, piece: str) -> int | None:
+        """Extend the text by piece; where in piece the earliest stop string starts, if one is now complete."""
+        first = None
+        for j, (s, back) in enumerate(zip(self.strings, self.fallback)):
+            k = self.state[j]
+            for i, c in enumerate(piece):
+                while k and s[k] != c:
+                    k = back[k]
+                k += s[k] == c
+                if k == len(s):  # a match ends at piece[i]; later ones of this string start later
+                    start = i + 1 - k
+                    first = start if first is None else min(first, start)
+                    k = back[k]
+                    break
+            self.state[j] = k
+        return first
+
+    def held(self) -> int:
+        return max(self.state, default=0)
+
+
+@functools.cache
+def fallback(s: str) -> tuple[int, ...]:
+    """KMP's failure function: back[k] is the length of the longest proper prefix of s[:k] that is also its
+    suffix (k = 1 .. len(s)); where a partial match of length k fails, the search resumes from back[k]."""
+    back = [0, 0]
+    for k in range(1, len(s)):
+        b = back[k]
+        while b and s[b] != s[k]:
+            b = back[b]
+        back.append(b + (s[b] == s[k]))
+    return tuple(back)

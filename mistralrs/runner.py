@@ -14,6 +14,7 @@ import torch
 from . import chat_template
 from .engine import END, STOP, Engine
 from .grammar import GrammarCompiler
+from .output import StopStrings
 from .requests import ChatCompletionRequest, CompletionRequest
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -159,12 +160,13 @@ class Runner:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
         req = Request(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", seqs=[],
-                       n_return=n_return, stream=r.stream, logprobs=logprobs, stop_strings=stop_strings)
+                       n_return=n_return, stream=r.stream, logprobs=logprobs)
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
             req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
                                      params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
+                                     stops=StopStrings(stop_strings) if stop_strings else None,
                                      prefix_offset=len(ids), read_offset=len(ids)))
         return req
 

@@ -9,7 +9,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tokenizers import Tokenizer
 
 import mistralrs
-from mistralrs.output import Output, held_back
+from mistralrs.output import Output, StopStrings
 from mistralrs.sequence import Request, Sequence
 
 TOKENIZER = Tokenizer.from_file(str(Path(mistralrs.__file__).parent / "data" / "demo-llama" / "tokenizer.json"))
@@ -29,11 +29,11 @@ def decode(ids: list[int]) -> str:
 def make_request(n=1, n_return=None, stream=False, chat=False, logprobs=False, stop=(), max_tokens=64) -> Request:
     prompt = TOKENIZER.encode(PROMPT).ids
     req = Request(chat=chat, id="cmpl-test", seqs=[], n_return=n_return or n, stream=stream, logprobs=logprobs,
-                  stop_strings=list(stop), created=1700000000)
+                  created=1700000000)
     for i in range(n):
         req.seqs.append(Sequence(tokens=list(prompt), group=req, index=i, prompt_len=len(prompt),
                                  max_len=len(prompt) + max_tokens, prefix_offset=len(prompt),
-                                 read_offset=len(prompt)))
+                                 read_offset=len(prompt), stops=StopStrings(list(stop)) if stop else None))
     return req
 
 
@@ -189,9 +189,30 @@ def test_chat_stream_chunks_and_logprobs(out):
     assert r.choices[0].message.content == decode(ids) and len(r.choices[0].logprobs.content) == 8
 
 
-@pytest.mark.parametrize("text,stops,held", [
-    ("abc", ["cd"], 1), ("abc", ["bcd", "x"], 2), ("abc", ["abcd"], 3), ("abc", ["xyz"], 0),
-    ("aaa", ["aaaa"], 3), ("abab", ["ababc"], 4), ("abab", ["abx"], 2), ("ab", [], 0), ("", ["ab"], 0),
-])
-def test_held_back_is_the_longest_stop_string_start_at_the_end(text, stops, held):
-    assert held_back(text, stops) == held
+def brute_force(text: str, stops: list[str]) -> tuple[int | None, int]:
+    """Where the earliest stop string starts in text (None: nowhere), and the longest start of a stop string that
+    text ends with, straight from the definitions."""
+    starts = [text.find(s) for s in stops if s in text]
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return min(starts, default=None), held
+
+
+def test_stop_strings_fed_piece_by_piece_agree_with_the_definitions():
+    rng = random.Random(0)
+    for trial in range(500):
+        alphabet = "ab" if trial % 2 else "abc"  # few letters: many overlapping partial matches
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 7)))
+                 for _ in range(rng.randrange(1, 4))]
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30)))
+        stop_strings, fed = StopStrings(stops), ""
+        while True:
+            piece = text[len(fed): len(fed) + rng.randrange(1, 5)]
+            if not piece:
+                break
+            at = stop_strings.feed(piece)
+            first, held = brute_force(fed + piece, stops)
+            if at is not None:
+                assert len(fed) + at == first, (stops, fed, piece)
+                break
+            assert first is None and stop_strings.held() == held, (stops, fed, piece)
+            fed += piece
