@@ -74,6 +74,8 @@ class Engine:
 
     def _take_inbox(self) -> bool:
         """Take what callers queued, waiting for it when there is no work; False once told to stop."""
+        if self.inbox.empty() and self.scheduler.has_work():
+            return True  # most decode steps: no need for get()'s lock and queue.Empty exception
         try:
             item = self.inbox.get(block=not self.scheduler.has_work())
             while True:
