@@ -1,6 +1,6 @@
-"""OpenAI-compatible response and chunk JSON: chat.completion, chat.completion.chunk, text_completion."""
+"""OpenAI-compatible response and chunk bodies: chat.completion, chat.completion.chunk, text_completion, as dicts
+(the caller's thread turns them into JSON text)."""
 import functools
-import json
 import re
 import time
 
@@ -23,6 +23,8 @@ def token_bytes(tokenizer, token: int) -> bytes:
         return bytes([int(piece[3:5], 16)])
     if isinstance(tokenizer.decoder, decoders.ByteLevel) and all(c in _byte_level_alphabet() for c in piece):
         return bytes(_byte_level_alphabet()[c] for c in piece)
+    if "\u2581" in piece:  # SentencePiece's word mark: a space, which decoding a lone token would strip
+        return piece.replace("\u2581", " ").encode("utf-8")
     return tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
@@ -44,9 +46,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(rid: str, model: str, created: int, choices: list[dict], use: dict) -> str:
-    return json.dumps({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                       "system_fingerprint": "local", "choices": choices, "usage": use})
+def chat_completion(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": "local", "choices": choices, "usage": use}
 
 
 def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None) -> dict:
@@ -55,7 +57,7 @@ def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None
 
 
 def chat_chunk(rid: str, model: str, created: int, index: int, delta: str, finish_reason: str | None,
-               logprobs: dict | None, first: bool, use: dict | None) -> str:
+               logprobs: dict | None, first: bool, use: dict | None) -> dict:
     """One choice's delta; a choice's last chunk carries its finish_reason and its usage."""
     d = {"role": "assistant", "content": delta} if first else {"content": delta}
     body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -63,15 +65,15 @@ def chat_chunk(rid: str, model: str, created: int, index: int, delta: str, finis
             "choices": [{"index": index, "delta": d, "finish_reason": finish_reason, "logprobs": logprobs}]}
     if use is not None:
         body["usage"] = use
-    return json.dumps(body)
+    return body
 
 
-def completion(rid: str, model: str, created: int, choices: list[dict], use: dict | None) -> str:
+def completion(rid: str, model: str, created: int, choices: list[dict], use: dict | None) -> dict:
     body = {"id": rid, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": "local", "choices": choices}
     if use is not None:
         body["usage"] = use
-    return json.dumps(body)
+    return body
 
 
 def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:

@@ -15,6 +15,7 @@ from . import chat_template
 from .block_manager import BlockManager
 from .engine import END, STOP, Engine
 from .grammar import GrammarCompiler
+from .output import StopStrings
 from .requests import ChatCompletionRequest, CompletionRequest
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -25,7 +26,7 @@ TRUNCATE_RESERVE = 10  # completion room kept by truncate_sequence when max_toke
 
 
 class ChatCompletionStreamer:
-    """Iterator of OpenAI chunk JSON strings; ends once every choice has finished."""
+    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished."""
 
     def __init__(self, out: queue.Queue):
         self._out = out
@@ -41,7 +42,7 @@ class ChatCompletionStreamer:
         if isinstance(item, BaseException):
             self._out.put(END)
             raise item
-        return item
+        return json.dumps(item)
 
 
 class Runner:
@@ -58,7 +59,8 @@ class Runner:
         self._log = JsonLines(logfile)
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
         log_response = self._log
-        self.engine = Engine(pipeline, self.scheduler, on_response=lambda r: log_response("response", r))
+        self.engine = Engine(pipeline, self.scheduler,
+                             on_response=(lambda r: log_response("response", r)) if logfile else None)
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):
@@ -73,7 +75,7 @@ class Runner:
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
         req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=[])
+                         stop_token_ids=request.stop_token_ids or [], stop_strings=[], logprobs=request.logprobs)
         return self._submit(req, request)
 
     def send_completion_request(self, request: CompletionRequest):
@@ -82,9 +84,10 @@ class Runner:
         if request.stream and request.best_of > request.n_choices:
             raise ValueError("best_of > n_choices cannot be streamed: the best candidates are known only at the end")
         ids = self.pipeline.tokenizer.encode(request.prompt, add_special_tokens=True).ids
-        params = self._params(request, logprobs=False, top_logprobs=0)
+        # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
+        params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=list(request.stop_seqs or []))
+                         stop_token_ids=[], stop_strings=list(request.stop_seqs or []), logprobs=False)
         req.echo = request.prompt if request.echo_prompt else ""
         if request.grammar is not None:
             for seq in req.seqs:
@@ -150,19 +153,21 @@ class Runner:
                              f"({self.scheduler.capacity} tokens); load with a larger kv_cache_tokens")
         return ids
 
-    def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings) -> Request:
+    def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings,
+              logprobs: bool) -> Request:
         ids = self._fit_prompt(ids, r.max_tokens)
         max_len = self.pipeline.max_model_len
         if r.max_tokens is not None:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
         req = Request(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", seqs=[],
-                       n_return=n_return, stream=r.stream, logprobs=params.logprobs, stop_strings=stop_strings)
+                       n_return=n_return, stream=r.stream, logprobs=logprobs)
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
             req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
                                      params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
+                                     stops=StopStrings(stop_strings) if stop_strings else None,
                                      prefix_offset=len(ids), read_offset=len(ids)))
         return req
 
@@ -174,7 +179,7 @@ class Runner:
         result = req.out.get()
         if isinstance(result, BaseException):
             raise result
-        return result
+        return json.dumps(result)
 
 
 class JsonLines:

@@ -19,14 +19,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: bool = False
+    logprobs: bool = False  # compute the sampled token's logprob: reported, or ranked by best_of
     top_logprobs: int = 0
 
 
 @dataclass
 class Sampled:
     tokens: list[int]
-    logprobs: list[float]
+    logprobs: list[float | None]  # None for every row when no row asked for logprobs
     top: list[list[tuple[int, float]]]  # per row: the top_logprobs (token, logprob) pairs, best first
 
 
@@ -34,10 +34,12 @@ def apply_penalties(logits: torch.Tensor, recent: list[list[int]], presence: tor
                     frequency: torch.Tensor) -> torch.Tensor:
     """logits [B, V]; recent[b] the tokens penalised for row b; presence/frequency [B]."""
     B, V = logits.shape
+    rows = [b for b, toks in enumerate(recent) for _ in toks]
+    cols = [t for toks in recent for t in toks]
     counts = torch.zeros(B, V, device=logits.device)
-    for b, toks in enumerate(recent):
-        if toks:
-            counts[b].index_add_(0, torch.tensor(toks, device=logits.device), torch.ones(len(toks), device=logits.device))
+    counts.index_put_((torch.tensor(rows, dtype=torch.int64, device=logits.device),
+                       torch.tensor(cols, dtype=torch.int64, device=logits.device)),
+                      torch.ones(len(cols), device=logits.device), accumulate=True)
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
@@ -56,11 +58,13 @@ def top_k_top_p_mask(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list[int]],
            generators: list[torch.Generator], allowed: torch.Tensor | None = None) -> Sampled:
-    """One token per row of logits [B, V]; `allowed` [B, V] bool is the grammar mask, if any row has one."""
+    """One token per row of logits [B, V]; `allowed` [B, V] bool is the grammar mask, if any row has one.
+    Each step only does the work some row asks for: a greedy batch with no penalty, bias or logprobs is one argmax."""
     B, V = logits.shape
     dev = logits.device
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    k = max(p.top_logprobs for p in params)
+    logprobs = torch.log_softmax(logits, dim=-1) if k or any(p.logprobs for p in params) else None
 
     def col(values):
         return torch.tensor(values, dtype=torch.float32, device=dev)
@@ -69,15 +73,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
         logits = apply_penalties(logits, recent, col([p.presence_penalty for p in params]),
                                  col([p.frequency_penalty for p in params]))
     if any(p.logit_bias for p in params):
+        at = [(b, tok, value) for b, p in enumerate(params) for tok, value in p.logit_bias.items()]
+        rows, cols, values = zip(*at)
         bias = torch.zeros(B, V, device=dev)
-        for b, p in enumerate(params):
-            for tok, value in p.logit_bias.items():
-                bias[b, tok] = value
+        bias[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = col(values)
         logits = logits + bias
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
 
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows are done here
+    tokens = logits.argmax(dim=-1)  # [B]; greedy rows are done here
     rows = [b for b, p in enumerate(params) if p.temperature > 0]
     if rows:
         picked = [params[b] for b in rows]
@@ -86,14 +90,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
             scaled = top_k_top_p_mask(scaled, torch.tensor([p.top_k or V for p in picked], device=dev),
                                       col([p.top_p or 1.0 for p in picked]))
         probs = torch.softmax(scaled, dim=-1)
-        for i, b in enumerate(rows):
-            tokens[b] = int(torch.multinomial(probs[i], 1, generator=generators[b]))
+        drawn = [torch.multinomial(probs[i], 1, generator=generators[b]) for i, b in enumerate(rows)]
+        tokens[torch.tensor(rows, device=dev)] = torch.cat(drawn)
 
-    chosen = logprobs[torch.arange(B, device=dev), torch.tensor(tokens, device=dev)].tolist()
-    k = max(p.top_logprobs for p in params)
     top = [[] for _ in params]
+    if logprobs is None:
+        return Sampled(tokens.tolist(), [None] * B, top)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     if k:
         values, ids = logprobs.topk(k, dim=-1)
         for b, p in enumerate(params):
             top[b] = list(zip(ids[b, : p.top_logprobs].tolist(), values[b, : p.top_logprobs].tolist()))
-    return Sampled(tokens, chosen, top)
+    return Sampled(tokens.tolist(), chosen, top)

@@ -19,6 +19,7 @@ class Sequence(SeqState):
     generator: torch.Generator | None = None
     stop_token_ids: frozenset = frozenset()
     matcher: object = None            # llguidance matcher of a grammar-constrained request
+    stops: object = None              # output.StopStrings of a request with stop strings: matches and hold-back
     logprobs: list = field(default_factory=list)  # per generated token: (token, logprob, top pairs)
     cum_logprob: float = 0.0
     finish_reason: str | None = None
@@ -46,7 +47,6 @@ class Request:
     n_return: int
     stream: bool
     logprobs: bool
-    stop_strings: list[str]
     echo: str = ""
     suffix: str = ""
     created: int = field(default_factory=lambda: int(time.time()))

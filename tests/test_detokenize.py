@@ -4,7 +4,7 @@ import random
 import pytest
 from tokenizers import SentencePieceBPETokenizer, Tokenizer
 
-from mistralrs.engine import Engine
+from mistralrs.output import detokenize
 from mistralrs.sequence import Sequence
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé wörds: naïve café, 東京 and emoji 🙂!",
@@ -18,18 +18,11 @@ def sentencepiece_like() -> Tokenizer:
     return sp._tokenizer
 
 
-class FakeEngine:
-    _detokenize = Engine._detokenize
-
-    def __init__(self, tokenizer):
-        self.pipeline = type("P", (), {"tokenizer": tokenizer})
-
-
 @pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
 def test_incremental_equals_full_decode(tiny_models, kind):
     tok = Tokenizer.from_file(str(tiny_models["llama"] / "tokenizer.json")) if kind == "byte_level" \
         else sentencepiece_like()
-    engine, rng = FakeEngine(tok), random.Random(0)
+    rng = random.Random(0)
     V = tok.get_vocab_size()
     for trial in range(200):
         if trial % 2:  # real text, cut anywhere
@@ -40,5 +33,5 @@ def test_incremental_equals_full_decode(tiny_models, kind):
         seq = Sequence(tokens=list(prompt), prompt_len=3, prefix_offset=3, read_offset=3)
         for i, t in enumerate(ids):
             seq.tokens.append(t)
-            engine._detokenize(seq, len(seq.tokens), final=i == len(ids) - 1)
+            detokenize(tok, seq, len(seq.tokens), final=i == len(ids) - 1)
         assert seq.text == tok.decode(ids, skip_special_tokens=True), (kind, ids)

@@ -1,0 +1,81 @@
+"""Engine overhead per token: what a decode step costs outside the model.
+
+Definition: at batch 1, over a 128-token greedy completion of the demo model (or MISTRALRS_BENCH_MODEL), each decode
+step's wall time, from the start of one model forward to the start of the next, less the time spent inside the
+model (its forward and its logits, GPU-synchronised). What is left is the engine's own work per token: the inbox,
+the scheduler, the attention metadata, sampling, detokenizing, stop checks and the response or chunk JSON. The
+figure is the median over every decode step of `rounds` requests (the prefill step is left out).
+"""
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+import mistralrs
+from mistralrs import CompletionRequest
+from mistralrs.__main__ import ARCHS, DEMO_MODEL
+
+MODEL = os.environ.get("MISTRALRS_BENCH_MODEL", str(DEMO_MODEL))
+ARCH = os.environ.get("MISTRALRS_BENCH_ARCH", "llama")
+TOKENS = 128
+
+
+class TimedModel:
+    """The model with its calls timed; each forward opens a step: calls[i] = [start, seconds inside the model]."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _timed(self, fn, *args, **kw):
+        start = time.perf_counter()
+        out = fn(*args, **kw)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out, start, time.perf_counter() - start
+
+    def __call__(self, *args, **kw):
+        out, start, seconds = self._timed(self.model, *args, **kw)
+        self.calls.append([start, seconds])
+        return out
+
+    def logits(self, hidden):
+        out, _, seconds = self._timed(self.model.logits, hidden)
+        self.calls[-1][1] += seconds
+        return out
+
+
+@pytest.fixture(scope="module")
+def timed_runner():
+    with mistralrs.NormalLoader(ARCHS[ARCH], model_id=MODEL).load(token_source="none") as r:
+        model_runner = r.pipeline.model_runner
+        model_runner.model = TimedModel(model_runner.model)
+        yield r, model_runner.model
+
+
+def decode_overheads(runner, timed, stream: bool) -> list[float]:
+    """Seconds outside the model for each decode step of one 128-token completion."""
+    timed.calls.clear()
+    reply = runner.send_completion_request(CompletionRequest("The import statement", "bench", max_tokens=TOKENS,
+                                                             temperature=0, stream=stream))
+    if stream:
+        for _ in reply:
+            pass
+    c = timed.calls
+    return [(c[i + 1][0] - c[i][0]) - c[i][1] for i in range(1, len(c) - 1)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_engine_overhead_per_token(benchmark, record, timed_runner, stream):
+    runner, timed = timed_runner
+    rounds = []
+    benchmark.pedantic(lambda: rounds.append(decode_overheads(runner, timed, stream)), rounds=5, warmup_rounds=1)
+    steps = [s for r in rounds[1:] for s in r]  # rounds[0] is pedantic's warm-up
+    forward = statistics.median(s for _, s in timed.calls[1:])
+    record(model=MODEL, batch=1, completion_tokens=TOKENS, decode_steps=len(steps),
+           engine_overhead_ms=statistics.median(steps) * 1e3,
+           engine_overhead_p90_ms=sorted(steps)[int(0.9 * len(steps))] * 1e3, model_forward_ms=forward * 1e3)
