@@ -1,11 +1,11 @@
-"""Triton GGUF dequant-matmul (interpreted on CPU) against the torch dequantizer + a float32 matmul."""
+"""gguf_matmul: the Triton kernel (interpreted on CPU) against the torch dequantizer + a float32 matmul."""
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from mistralrs.kernels.dequant import dequantize
-from mistralrs.kernels.quant_matmul import SUPPORTED, quant_matmul
+from mistralrs.kernels.gguf import SUPPORTED, gguf_matmul
 
 from test_dequant import gguf_quantized, random_blocks
 
@@ -24,7 +24,7 @@ def make_weight(qtype, N: int, K: int, seed: int = 0) -> torch.Tensor:
 
 
 def check(x, qweight, qtype, N, K, **tiles):
-    out = quant_matmul(x, qweight, qtype, N, K, **tiles)
+    out = gguf_matmul(x, qweight, qtype, N, K, **tiles)
     ref = x.float() @ dequantize(qweight, qtype, (N, K)).T
     assert out.dtype == x.dtype and out.shape == (x.shape[0], N)
     tol = TOL[x.dtype]
@@ -67,14 +67,14 @@ def test_strided_rows_of_x(M):
     check(x, make_weight(Q.Q8_0, 24, K), Q.Q8_0, 24, K)
 
 
-def test_rejects_what_it_cannot_do():
+def test_triton_rejects_what_it_cannot_do():
     w = make_weight(Q.Q4_0, 16, 64)
     with pytest.raises(AssertionError, match="Q4_1"):
-        quant_matmul(torch.randn(1, 64), w, Q.Q4_1, 16, 64)
+        gguf_matmul(torch.randn(1, 64), w, Q.Q4_1, 16, 64)
     with pytest.raises(AssertionError):
-        quant_matmul(torch.randn(1, 64), w, Q.Q4_0, 17, 64)  # qweight has 16 rows
+        gguf_matmul(torch.randn(1, 64), w, Q.Q4_0, 17, 64)  # qweight has 16 rows
     with pytest.raises(AssertionError):
-        quant_matmul(torch.randn(1, 64, dtype=torch.float64), w, Q.Q4_0, 16, 64)
+        gguf_matmul(torch.randn(1, 64, dtype=torch.float64), w, Q.Q4_0, 16, 64)
     assert {Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q6_K} <= SUPPORTED
 
 
@@ -89,3 +89,4 @@ def test_real_sizes_on_gpu(qtype, M, N, K, dtype):
     w = make_weight(qtype, N, K).cuda()
     x = torch.randn(M, K, device="cuda").to(dtype)
     check(x, w, qtype, N, K)
+
