@@ -1,9 +1,10 @@
 """The public kernel ops, and the one place that picks an implementation for them. Each op has one name across this
-dispatch, its Triton launcher (kernels/<family>.py), its reference (kernels/reference.py), its test
-(tests/test_<op>.py) and its benchmark (benchmarks/bench_<op>.py).
+dispatch, its Triton launcher (kernels/<family>.py), its reference (kernels/reference.py), its CPU kernel where it has
+one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (benchmarks/bench_<op>.py).
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
-    "auto"       Triton for CUDA tensors, the torch reference for CPU tensors (the default)
+    "auto"       Triton for CUDA tensors; for CPU tensors the C++ kernel where the op has one (gguf_matmul), else
+                 the torch reference (the default)
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)
 """
@@ -47,12 +48,17 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens
 
 
 def gguf_matmul(x, qweight, qtype, N, K):
-    """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]): fused Triton dequant-matmul for the
-    types in gguf.SUPPORTED, dequantize-then-matmul for the others."""
+    """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]). Triton's fused dequant-matmul for
+    CUDA tensors, the C++ kernel (int8 activations for M < 32, exact f32 dequant + at::mm above) for CPU tensors, of
+    the types each supports; the reference (dequantize, then matmul) otherwise."""
     if _use_triton(x):
         from . import gguf  # imported on first use, like paged_attention
         if qtype in gguf.SUPPORTED:
             return gguf.gguf_matmul(x, qweight, qtype, N, K)
+    elif BACKEND == "auto" and x.device.type == "cpu":
+        from . import gguf_cpu  # the first import builds the C++ extension (about a minute) unless it is cached
+        if gguf_cpu.UNAVAILABLE is None and qtype in gguf_cpu.SUPPORTED:  # else it warned once, at that import
+            return gguf_cpu.gguf_matmul(x, qweight, qtype, N, K)
     return reference.gguf_matmul(x, qweight, qtype, N, K)
 
 
