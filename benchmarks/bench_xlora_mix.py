@@ -6,7 +6,7 @@ mode (CPU, Triton interpreted) uses tiny shapes just to prove the suite runs."""
 import torch
 import torch.nn.functional as F
 
-from mistralrs.kernels.xlora_mix import xlora_mix
+from mistralrs.kernels.xlora import xlora_mix
 
 from conftest import is_quick, measure, timed
 

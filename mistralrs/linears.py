@@ -86,7 +86,7 @@ class XLoraContext:
 
 
 class XLoraLinear(nn.Module):
-    """base(x) + kernels.xlora_delta: the adapters of one linear mixed by its column `index` of the scalings."""
+    """base(x) + kernels.xlora_mix: the adapters of one linear mixed by its column `index` of the scalings."""
 
     def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_scale: torch.Tensor,
                  index: int, ctx: XLoraContext):
@@ -102,7 +102,7 @@ class XLoraLinear(nn.Module):
             return out
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [T, K]
         s = scalings[:, self.index, :].contiguous()  # [T, A]
-        delta = kernels.xlora_delta(x2, self.lora_a, self.lora_b, s, self.adapter_scale)
+        delta = kernels.xlora_mix(x2, self.lora_a, self.lora_b, s, self.adapter_scale)
         return out + delta.view(out.shape)
 
     def extra_repr(self) -> str:

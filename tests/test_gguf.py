@@ -9,6 +9,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 import mistralrs
+import mistralrs.kernels as kernels
 from mistralrs import ChatCompletionRequest, QuantizedLoader
 from mistralrs.gguf_file import read_gguf
 from mistralrs.gguf_model import load_gguf_model, resident_bytes
@@ -130,10 +132,14 @@ def assert_quantized_like_reference(ours, ref, path):
                 w.copy_(quant_dequant(w, m.qtype))
                 done.add(w.data_ptr())
     ids = ref.pipeline.tokenizer.encode(PROMPT).ids
-    diff = (logits(ours, ids) - logits(ref, ids)).abs().max().item()
-    print(f"{path.name}: max |logits - dequantized reference| = {diff:.1e}")
-    assert diff <= 1e-3
-    assert greedy(ours, ids) == greedy(ref, ids)
+    # The loaded bytes through the exact matmul (dequantize, then matmul): the default CPU kernel rounds activations
+    # to int8 as llama.cpp does, which moves greedy tokens of these tiny near-tied models (test_gguf_matmul.py checks
+    # that kernel against this one; test_agrees_with_llama_cpp checks it end to end).
+    with mock.patch.object(kernels, "BACKEND", "reference"):
+        diff = (logits(ours, ids) - logits(ref, ids)).abs().max().item()
+        print(f"{path.name}: max |logits - dequantized reference| = {diff:.1e}")
+        assert diff <= 1e-3
+        assert greedy(ours, ids) == greedy(ref, ids)
     return quant
 
 

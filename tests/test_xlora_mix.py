@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs.kernels import reference
-from mistralrs.kernels.xlora_mix import xlora_mix
+from mistralrs.kernels.xlora import xlora_mix
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative to the output's largest value
 

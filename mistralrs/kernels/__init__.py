@@ -1,7 +1,10 @@
-"""The public kernel ops, and the one place that picks an implementation for them.
+"""The public kernel ops, and the one place that picks an implementation for them. Each op has one name across this
+dispatch, its Triton launcher (kernels/<family>.py), its reference (kernels/reference.py), its CPU kernel where it has
+one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (benchmarks/bench_<op>.py).
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
-    "auto"       Triton for CUDA tensors, the torch reference for CPU tensors (the default)
+    "auto"       Triton for CUDA tensors; for CPU tensors the C++ kernel where the op has one (gguf_matmul), else
+                 the torch reference (the default)
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)
 """
@@ -45,23 +48,27 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens
 
 
 def gguf_matmul(x, qweight, qtype, N, K):
-    """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]): fused Triton dequant-matmul for the
-    types in quant_matmul.SUPPORTED, dequantize-then-matmul for the others. Not named quant_matmul: importing the
-    kernels.quant_matmul module sets that name on this package, which would replace a function of the same name."""
+    """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]). Triton's fused dequant-matmul for
+    CUDA tensors, the C++ kernel (int8 activations for M < 32, exact f32 dequant + at::mm above) for CPU tensors, of
+    the types each supports; the reference (dequantize, then matmul) otherwise."""
     if _use_triton(x):
-        from .quant_matmul import SUPPORTED, quant_matmul
-        if qtype in SUPPORTED:
-            return quant_matmul(x, qweight, qtype, N, K)
-    return reference.quant_matmul(x, qweight, qtype, N, K)
+        from . import gguf  # imported on first use, like paged_attention
+        if qtype in gguf.SUPPORTED:
+            return gguf.gguf_matmul(x, qweight, qtype, N, K)
+    elif BACKEND == "auto" and x.device.type == "cpu":
+        from . import gguf_cpu  # the first import builds the C++ extension (about a minute) unless it is cached
+        if gguf_cpu.UNAVAILABLE is None and qtype in gguf_cpu.SUPPORTED:  # else it warned once, at that import
+            return gguf_cpu.gguf_matmul(x, qweight, qtype, N, K)
+    return reference.gguf_matmul(x, qweight, qtype, N, K)
 
 
-def xlora_delta(x, lora_a, lora_b, scalings, adapter_scale):
+def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
     """X-LoRA delta of one linear, to add to its base output: sum_a scalings[:, a] * adapter_scale[a] *
-    (x @ lora_a[a].T @ lora_b[a].T). Not named xlora_mix, for the same reason as gguf_matmul."""
+    (x @ lora_a[a].T @ lora_b[a].T)."""
     if _use_triton(x):
-        from .xlora_mix import xlora_mix
-        return xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
+        from . import xlora
+        return xlora.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
     return reference.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
 
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "xlora_delta", "BACKEND", "BACKENDS"]
+__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "xlora_mix", "BACKEND", "BACKENDS"]

@@ -51,7 +51,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:
+def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]): dequantize, then matmul."""
     from .dequant import dequantize
     return x @ dequantize(qweight, qtype, (N, K), dtype=x.dtype).T

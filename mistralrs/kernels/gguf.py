@@ -139,7 +139,7 @@ def _dequant_tile(w_ptr, offs_n, n_mask, k0, K, row_bytes, QTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _quant_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, tiles_per_split,
+def _gguf_gemv_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, tiles_per_split,
                        stride_x_m, stride_o_split, stride_o_m,
                        QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -175,7 +175,7 @@ def _split_k_reduce_kernel(part_ptr, out_ptr, MN, splits, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quant_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_x_m, stride_o_m,
+def _gguf_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_x_m, stride_o_m,
                        QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)  # fastest: the programs that share a W tile run together, its bytes stay in L2
@@ -201,13 +201,13 @@ def _num_splits(n_programs: int, k_tiles: int, device: torch.device) -> int:
     return max(1, min(k_tiles, triton.cdiv(4 * sms, n_programs)))
 
 
-def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, *,
-                 block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
+def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationType, N: int, K: int, *,
+                block_k: int | None = None, split_k: int | None = None) -> torch.Tensor:
     """x [M, K] (fp16/bf16/fp32) @ dequant(qweight [N, row_bytes]).T -> [M, N] in x's dtype.
 
     block_k (a multiple of 32) and split_k (GEMV only) override the tile heuristics."""
     qtype = GGMLQuantizationType(qtype)
-    assert qtype in SUPPORTED, f"no quant_matmul kernel for {qtype.name}"
+    assert qtype in SUPPORTED, f"no Triton gguf_matmul kernel for {qtype.name}"
     assert x.ndim == 2 and x.shape[1] == K and x.stride(1) == 1, (x.shape, x.stride(), K)
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype
     assert qweight.dtype == torch.uint8 and qweight.is_contiguous() and qweight.device == x.device
@@ -223,7 +223,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantization
         tiles_per_split = triton.cdiv(k_tiles, split_k or _num_splits(grid_n, k_tiles, x.device))
         S = triton.cdiv(k_tiles, tiles_per_split)  # no empty split
         part = out if S == 1 else torch.empty(S, M, N, dtype=torch.float32, device=x.device)
-        _quant_gemv_kernel[(grid_n, S)](
+        _gguf_gemv_kernel[(grid_n, S)](
             x, qweight, part, M, N, K, qweight.shape[1], tiles_per_split,
             x.stride(0), 0 if S == 1 else part.stride(0), N,
             QTYPE=qtype.name, BLOCK_M=triton.next_power_of_2(M), BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -235,7 +235,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantization
         BLOCK_M = 32 if M <= 64 else 64 if M <= 256 else 128
         BLOCK_N, BLOCK_K = 64, block_k or 64
         assert BLOCK_K % 32 == 0
-        _quant_gemm_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
+        _gguf_gemm_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
             x, qweight, out, M, N, K, qweight.shape[1], x.stride(0), out.stride(0),
             QTYPE=qtype.name, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=8 if BLOCK_M == 128 else 4)

@@ -6,7 +6,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from mistralrs.kernels.dequant import dequantize
-from mistralrs.kernels.quant_matmul import quant_matmul
+from mistralrs.kernels.gguf import gguf_matmul
 
 from conftest import is_quick, measure, timed
 
@@ -35,18 +35,18 @@ def random_qweight(qtype, N: int, K: int, device) -> torch.Tensor:
 
 
 
-def test_quant_matmul(benchmark, record, quick, device, limits, case):
+def test_gguf_matmul(benchmark, record, quick, device, limits, case):
     cfg = QUICK if quick else FULL
     qtype, M, N, K = case
     dtype = cfg["dtype"]
     w = random_qweight(qtype, N, K, device)
     x = torch.randn(M, K, dtype=dtype, device=device)
-    ours = measure(benchmark, lambda: quant_matmul(x, w, qtype, N, K), cfg["rounds"])
+    ours = measure(benchmark, lambda: gguf_matmul(x, w, qtype, N, K), cfg["rounds"])
     dense_w = torch.randn(N, K, dtype=dtype, device=device)
     dense = timed(lambda: x @ dense_w.T)
     torch_path = timed(lambda: x @ dequantize(w, qtype, (N, K), dtype).T, reps=3)
     flops = 2 * M * N * K
-    record(op="quant_matmul " + ("GEMV" if M <= 8 else "GEMM"), qtype=qtype.name, M=M, N=N, K=K, dtype=str(dtype),
+    record(op="gguf_matmul " + ("GEMV" if M <= 8 else "GEMM"), qtype=qtype.name, M=M, N=N, K=K, dtype=str(dtype),
            weight_bytes=w.nbytes, gbps=w.nbytes / ours / 1e9,
            frac_of_copy_bw=w.nbytes / ours / 1e9 / limits["copy_gbps"],
            tflops=flops / ours / 1e12, frac_of_matmul=flops / ours / 1e12 / limits["matmul_tflops"],
