@@ -125,16 +125,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     out = torch.empty_like(q)
-    BLOCK_M = 16 if max_seqlen_q <= 16 else 64
+    BLOCK_M, BLOCK_D = 16 if max_seqlen_q <= 16 else 64, max(16, triton.next_power_of_2(D))
     grid = (B, H, triton.cdiv(max_seqlen_q, BLOCK_M))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
         scale, softcap or 1.0, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // KVH, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BS=BS,
+        GROUP=H // KVH, D=D, BLOCK_D=BLOCK_D, BS=BS,
         BLOCK_N=max(16, triton.next_power_of_2(BS)), BLOCK_M=BLOCK_M, USE_WINDOW=sliding_window is not None,
-        USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if BLOCK_D >= 256 else 4)  # 4 warps spill a [64, 256] fp32 accumulator on sm_80 (255 regs)
     return out
 
 
