@@ -8,6 +8,10 @@ Memory layout (as kernels/reference.py):
 One program handles BLOCK_M queries of one sequence and one query head, walking the sequence's pages in order with
 an online softmax in fp32 (FlashAttention-2). GQA: query head h reads KV head h // (H // KVH), nothing is copied.
 The same kernel serves prefill (L_b > 1, also chunked prefill over earlier context) and decode (L_b = 1).
+
+No shape that changes from step to step is a constexpr or a specialized int: the block-table width (stride_bt_b),
+the decode split size and split count are runtime ints marked do_not_specialize, so a context growing token by token
+or a batch changing size reuses one compiled kernel (tests/test_kernels_compile.py counts them).
 """
 import torch
 import triton
@@ -43,7 +47,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                                BLOCK_D=triton.next_power_of_2(D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, cu_q_ptr,
                             scale, softcap, window,
                             stride_q_t, stride_q_h, stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
@@ -121,26 +125,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     out = torch.empty_like(q)
-    BLOCK_M = 16 if max_seqlen_q <= 16 else 64
+    BLOCK_M, BLOCK_D = 16 if max_seqlen_q <= 16 else 64, max(16, triton.next_power_of_2(D))
     grid = (B, H, triton.cdiv(max_seqlen_q, BLOCK_M))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
         scale, softcap or 1.0, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=H // KVH, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BS=BS,
+        GROUP=H // KVH, D=D, BLOCK_D=BLOCK_D, BS=BS,
         BLOCK_N=max(16, triton.next_power_of_2(BS)), BLOCK_M=BLOCK_M, USE_WINDOW=sliding_window is not None,
-        USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=8 if BLOCK_D >= 256 else 4)  # 4 warps spill a [64, 256] fp32 accumulator on sm_80 (255 regs)
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_b", "pages_per_split"])
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-                         part_acc_ptr, part_ml_ptr, scale, softcap, window,
+                         part_acc_ptr, part_ml_ptr, scale, softcap, window, pages_per_split,
                          stride_q_t, stride_q_h, stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BS: tl.constexpr, BLOCK_N: tl.constexpr, PAGES_PER_SPLIT: tl.constexpr,
-                         USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                         BS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     """Partial attention of the GROUP query heads of KV head `kvh` over one split of sequence b's pages."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -161,8 +165,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(q_pos - window + 1, 0)
-    first = lo // BS + split * PAGES_PER_SPLIT
-    last = tl.minimum(first + PAGES_PER_SPLIT, tl.cdiv(n, BS))
+    first = lo // BS + split * pages_per_split
+    last = tl.minimum(first + pages_per_split, tl.cdiv(n, BS))
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -196,35 +200,56 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     tl.store(part_ml_ptr + part * 2 * G_PAD + G_PAD + g, l_i)
 
 
-@triton.jit
-def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_o_t, stride_o_h,
-                          N_SPLIT: tl.constexpr, S_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, for one sequence and query head."""
+@triton.jit(do_not_specialize=["n_split"])
+def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, n_split, stride_o_t, stride_o_h,
+                          S_BLOCK: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+    """out = sum_s exp(m_s - M) acc_s / sum_s exp(m_s - M) l_s, for one sequence and query head, over the n_split
+    partials S_BLOCK at a time (an online max, so n_split is a runtime int)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
     g = h % GROUP
     n_kv = tl.num_programs(1) // GROUP
-    s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, BLOCK_D)
-    part = (b * n_kv + kvh) * N_SPLIT + s  # [S_PAD]
-    s_valid = s < N_SPLIT
-    m = tl.load(part_ml_ptr + part * 2 * G_PAD + g, mask=s_valid, other=float("-inf"))
-    l = tl.load(part_ml_ptr + part * 2 * G_PAD + G_PAD + g, mask=s_valid, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * G_PAD * BLOCK_D + g * BLOCK_D + offs_d[None, :],
-                  mask=s_valid[:, None], other=0.0)  # [S_PAD, BLOCK_D]
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # splits that saw no key weigh nothing
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    first = (b * n_kv + kvh) * n_split
+    m_run = tl.full([1], float("-inf"), tl.float32)
+    l_run = tl.zeros([1], tl.float32)
+    acc_run = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_split, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        s_valid = s < n_split
+        part = first + s  # [S_BLOCK]
+        m = tl.load(part_ml_ptr + part * 2 * G_PAD + g, mask=s_valid, other=float("-inf"))
+        l = tl.load(part_ml_ptr + part * 2 * G_PAD + G_PAD + g, mask=s_valid, other=0.0)
+        acc = tl.load(part_acc_ptr + part[:, None] * G_PAD * BLOCK_D + g * BLOCK_D + offs_d[None, :],
+                      mask=s_valid[:, None], other=0.0)  # [S_BLOCK, BLOCK_D]
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))  # splits that saw no key weigh nothing
+        alpha = tl.exp(m_run - m_safe)  # 0 while no split has seen a key
+        l_run = l_run * alpha + tl.sum(l * w, axis=0)
+        acc_run = acc_run * alpha + tl.sum(acc * w[:, None], axis=0)
+        m_run = m_new
+    out = acc_run / l_run
     tl.store(out_ptr + b * stride_o_t + h * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
 
 
-def _num_splits(B: int, KVH: int, max_pages: int, device: torch.device) -> int:
-    """Enough (sequence, KV head, split) programs to fill the GPU twice over, at least one page each."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(max_pages, triton.cdiv(2 * sms, B * KVH), 64))
+MAX_SPLITS = 64
+REDUCE_S_BLOCK = 16  # partials the reduce combines per step
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def decode_splits(B: int, KVH: int, max_pages: int, sms: int) -> tuple[int, int]:
+    """(splits S, pages per split): enough (sequence, KV head, split) programs to fill the GPU twice over, at least
+    one page each, and no empty split. Both are runtime ints of the kernels, so they may follow the context freely."""
+    S = max(1, min(max_pages, triton.cdiv(2 * sms, B * KVH), MAX_SPLITS))
+    pages_per_split = triton.cdiv(max_pages, S)
+    return triton.cdiv(max_pages, pages_per_split), pages_per_split
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -244,17 +269,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_pages = block_tables.shape[1]
     if sliding_window is not None:  # only the window's pages are walked
         max_pages = min(max_pages, triton.cdiv(sliding_window, BS) + 1)
-    S = num_splits or _num_splits(B, KVH, max_pages, q.device)
+    if num_splits:
+        pages_per_split = triton.cdiv(max_pages, num_splits)
+        S = triton.cdiv(max_pages, pages_per_split)
+    else:
+        S, pages_per_split = decode_splits(B, KVH, max_pages, _sm_count(q.device))
     part_acc = torch.empty(B, KVH, S, G_PAD, BLOCK_D, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(B, KVH, S, 2, G_PAD, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(B, KVH, S)](
         q, k_cache, v_cache, block_tables, context_lens, part_acc, part_ml, scale, softcap or 1.0,
-        sliding_window or 0, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        sliding_window or 0, pages_per_split, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=BS,
-        BLOCK_N=max(16, triton.next_power_of_2(BS)), PAGES_PER_SPLIT=triton.cdiv(max_pages, S),
-        USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
+        BLOCK_N=max(16, triton.next_power_of_2(BS)), USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty_like(q)
-    _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, out.stride(0), out.stride(1), N_SPLIT=S,
-                                  S_PAD=triton.next_power_of_2(S), GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D)
+    _decode_reduce_kernel[(B, H)](part_acc, part_ml, out, S, out.stride(0), out.stride(1),
+                                  S_BLOCK=REDUCE_S_BLOCK, GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D)
     return out
