@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/ --benchmark-json=benchmarks/results/<device>/run.json    (full sizes on a GPU)
     python -m pytest benchmarks/ --quick                                                  (tiny sizes, anywhere)
+    python -m pytest benchmarks/ --runslow            (also the slow real-model benchmark, bench_cpu_real.py)
 
 Every case records in extra_info: shape, dtype, device, torch/triton versions, git commit, and the derived figures
 (GB/s or TFLOP/s, fraction of the device limit measured in the same run, ratio to the best peer measured alongside).
@@ -21,6 +22,17 @@ import triton  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true", help="tiny shapes (the default without a GPU)")
+    try:
+        parser.addoption("--runslow", action="store_true", help="also run benchmarks marked slow (real models)")
+    except ValueError:  # `pytest tests benchmarks`: tests/conftest.py has registered it already
+        pass
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--runslow"):
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow: run with --runslow"))
 
 
 def is_quick(config) -> bool:

@@ -1,0 +1,373 @@
+"""Real-model CPU benchmark: SmolLM2-135M-Instruct through ours, llama.cpp and transformers, interleaved in one run.
+
+    python3 benchmarks/bench_cpu_real.py                    # the whole run (fetches the models on first use)
+    python3 benchmarks/bench_cpu_real.py --ours-tokens 32   # shorter decodes for our engine (a slow baseline)
+    python3 -m pytest benchmarks/bench_cpu_real.py --runslow -s   # the same run as a slow test (defaults only)
+
+Weights (tools/real_models.py): the shipped Q4_1 GGUF, llama.cpp's Q8_0 / Q4_0 / Q4_K_M requantized copies, and
+float32 (ours: the Hugging Face checkpoint through NormalLoader; llama.cpp: the F32 GGUF; transformers: the same
+checkpoint). Per row, at a stated thread count (default: the physical cores, and a 1-thread Q4_1 row), each engine
+decodes greedily from the same prompt; ours, llama.cpp, transformers take turns, `--repeats` times, medians kept:
+  - ours: QuantizedLoader / NormalLoader Runner, one streamed CompletionRequest(max_tokens=N), EOS banned by
+    logit_bias so that it decodes all N tokens (checked against usage.completion_tokens)
+  - llama.cpp: llama-cpp-python's Llama.generate (greedy, fresh KV each run), which never stops at EOS
+  - transformers (float32 only): generate with min_new_tokens = max_new_tokens = N
+TTFT is the time to the first token (prompt processing included); decode tok/s counts the tokens after the first.
+Weight bytes per token: every tensor of the file once (the tied token_embd is the head, read once per token; an
+embedding row is noise). GB/s = bytes/token x tok/s, and its fraction of the copy bandwidth of a 1 GiB torch copy at
+the same thread count, measured in this run (read + write bytes, as benchmarks/conftest.py counts them).
+Also ours: 16 concurrent requests (16 threads, one CompletionRequest each, max_seqs=16) on Q4_1, total decode tok/s.
+
+Writes benchmarks/results/<cpu-Ncores>/cpu_real.md (table), cpu_real.json, cpu_real.png. Not part of the quick run
+(`tools/bench.py` runs pytest without --runslow, so the slow test here is skipped).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: our package, not an installed copy
+import mistralrs  # noqa: E402
+from mistralrs import CompletionRequest  # noqa: E402
+
+FORMATS = ("Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "F32")
+PROMPT = "Once upon a time, in a small village at the edge of a great forest, there lived"
+CONCURRENT = 16
+
+
+def real_models():
+    spec = importlib.util.spec_from_file_location("real_models", ROOT / "tools" / "real_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Run:
+    ttft_s: float
+    decode_tok_s: float  # tokens after the first / time after the first
+    tokens: int
+    text: str
+
+
+def _run(start: float, stamps: list[float], text: str) -> Run:
+    n = len(stamps)
+    return Run(stamps[0] - start, (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else 0.0, n, text)
+
+
+def ours_run(runner, n: int, ban: dict[int, float]) -> Run:
+    """One streamed completion; a chunk may hold several tokens, so the count comes from usage."""
+    start, first, pieces, usage = time.perf_counter(), None, [], {}
+    for chunk in runner.send_completion_request(CompletionRequest(
+            PROMPT, "bench", max_tokens=n, temperature=0, logit_bias=ban, stream=True)):
+        first = first or time.perf_counter()
+        body = json.loads(chunk)
+        pieces.append(body["choices"][0]["text"])
+        usage = body.get("usage") or usage
+    end, got = time.perf_counter(), usage.get("completion_tokens")
+    if got != n:
+        raise RuntimeError(f"ours decoded {got} tokens, asked for {n}")
+    return Run(first - start, (n - 1) / (end - first), n, "".join(pieces))
+
+
+def llama_run(llm, n: int) -> Run:
+    llm.reset()  # no KV prefix reuse: every run processes the prompt
+    start, stamps, ids = time.perf_counter(), [], []
+    for token in llm.generate(llm.tokenize(PROMPT.encode()), temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        ids.append(token)
+        if len(ids) == n:
+            break
+    return _run(start, stamps, llm.detokenize(ids).decode(errors="replace"))
+
+
+def hf_run(model, tok, n: int) -> Run:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # the prompt first, then each new token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids, clock = tok(PROMPT, return_tensors="pt").input_ids, Stamps()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+    return _run(start, clock.times[1:], tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def interleaved(engines: dict, repeats: int) -> dict[str, dict]:
+    """Each engine once in turn, `repeats` rounds; per engine the medians and the last run's text."""
+    runs = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, fn in engines.items():
+            runs[name].append(fn())
+    return {name: dict(ttft_ms=statistics.median(r.ttft_s for r in rs) * 1e3,
+                       decode_tok_s=statistics.median(r.decode_tok_s for r in rs),
+                       tokens=rs[-1].tokens, runs_tok_s=[round(r.decode_tok_s, 3) for r in rs], text=rs[-1].text)
+            for name, rs in runs.items()}
+
+
+def set_threads(threads: int, runner=None) -> None:
+    torch.set_num_threads(threads)
+    if runner is not None:  # the engine thread runs the model: set its pool too
+        runner.engine.call(lambda: torch.set_num_threads(threads))
+
+
+def copy_gbps(threads: int) -> float:
+    """1 GiB float32 copy at `threads`: (read + write bytes) / median time of 5."""
+    set_threads(threads)
+    src = torch.ones(1 << 28, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return 2 * src.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes(gguf_path: Path) -> int:
+    """Bytes of weights read per decoded token: every tensor once; token_embd only when it is also the head."""
+    from gguf import GGUFReader
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf_path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight")  # a separate head: the embedding is one row per token
+    return sum(tensors.values())
+
+
+def physical_cores() -> int:
+    cores = set()
+    for topo in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topo / "physical_package_id").read_text(), (topo / "core_id").read_text()))
+        except OSError:
+            pass
+    return len(cores) or os.cpu_count() or 1
+
+
+def load_ours(files: dict, fmt: str):
+    if fmt == "F32":
+        loader = mistralrs.NormalLoader(mistralrs.LlamaLoader, model_id=str(files["hf-f32"]))
+    else:
+        loader = mistralrs.QuantizedLoader(mistralrs.LlamaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                           quantized_filename=str(files[fmt]))
+    return loader.load(token_source="none", max_seqs=CONCURRENT, kv_cache_tokens=CONCURRENT * 512)
+
+
+def eos_ban(runner) -> dict[int, float]:
+    return {i: -100.0 for i in runner.pipeline.eos_token_ids}
+
+
+def measure_format(runner, files: dict, fmt: str, thread_counts: list[int], a) -> list[dict]:
+    """One row per thread count: ours (runner), llama.cpp on the same file, transformers for F32, interleaved."""
+    import llama_cpp
+    rows, ban, hf = [], eos_ban(runner), None
+    if fmt == "F32":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        hf = (AutoModelForCausalLM.from_pretrained(files["hf-f32"], dtype=torch.float32).eval(),
+              AutoTokenizer.from_pretrained(files["hf-f32"]))
+    for threads in thread_counts:
+        set_threads(threads, runner)
+        llm = llama_cpp.Llama(model_path=str(files[fmt]), n_threads=threads, n_threads_batch=threads, n_ctx=512,
+                              verbose=False)
+        engines = {"ours": lambda: ours_run(runner, a.ours_tokens, ban), "llama.cpp": lambda: llama_run(llm, a.tokens)}
+        if hf is not None:
+            engines["transformers"] = lambda: hf_run(*hf, a.tokens)
+        ours_run(runner, 4, ban)  # warm-up: first-call allocations, caches, lazy imports
+        llama_run(llm, 4)
+        if hf is not None:
+            hf_run(*hf, 4)
+        print(f"[cpu_real] {fmt} threads={threads} ...", flush=True)
+        rows.append(dict(weights=fmt, threads=threads, **interleaved(engines, a.repeats)))
+    return rows
+
+
+def concurrent_throughput(runner, threads: int, a) -> dict:
+    """Ours on Q4_1: 16 threads each send one CompletionRequest at once; total completion tokens / wall time."""
+    set_threads(threads, runner)
+    ban = eos_ban(runner)
+
+    def serve(n):
+        counts = [0] * CONCURRENT
+
+        def one(i):
+            r = json.loads(runner.send_completion_request(CompletionRequest(
+                f"Story {i}: {PROMPT}", "bench", max_tokens=n, temperature=0, logit_bias=ban)))
+            counts[i] = r["usage"]["completion_tokens"]
+        workers = [threading.Thread(target=one, args=(i,)) for i in range(CONCURRENT)]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(counts), time.perf_counter() - t
+
+    serve(4)
+    runs = [serve(a.ours_tokens) for _ in range(a.repeats)]
+    if any(n != CONCURRENT * a.ours_tokens for n, _ in runs):
+        raise RuntimeError(f"concurrent requests decoded {[n for n, _ in runs]} tokens in all, "
+                           f"asked for {CONCURRENT} x {a.ours_tokens}")
+    return dict(weights="Q4_1", threads=threads, requests=CONCURRENT, max_seqs=CONCURRENT,
+                tokens_per_request=a.ours_tokens,
+                throughput_tok_s=statistics.median(n / s for n, s in runs),
+                runs_tok_s=[round(n / s, 3) for n, s in runs])
+
+
+def derive(row: dict, bytes_per_token: int, copy: float) -> dict:
+    """GB/s and fraction of copy bandwidth per engine, and ours / llama.cpp."""
+    row["weight_bytes_per_token"] = bytes_per_token
+    row["copy_gbps"] = copy
+    for name in ("ours", "llama.cpp", "transformers"):
+        if name in row:
+            e = row[name]
+            e["gbps"] = bytes_per_token * e["decode_tok_s"] / 1e9
+            e["frac_of_copy_bw"] = e["gbps"] / copy
+    row["ours_over_llama_cpp"] = row["ours"]["decode_tok_s"] / row["llama.cpp"]["decode_tok_s"]
+    return row
+
+
+def versions() -> dict:
+    import llama_cpp
+    import transformers
+    from conftest import git_commit
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")
+    return dict(cpu=cpu, logical_cpus=os.cpu_count(), physical_cores=physical_cores(), torch=torch.__version__,
+                llama_cpp_python=llama_cpp.__version__, transformers=transformers.__version__, commit=git_commit(),
+                kernels_backend=mistralrs.kernels.BACKEND)
+
+
+def write_table(out: Path, meta: dict, rows: list[dict], conc: dict) -> None:
+    lines = [f"# Real-model CPU benchmark: SmolLM2-135M-Instruct ({meta['device']})", "",
+             f"{meta['cpu']}, {meta['physical_cores']} physical cores; commit {meta['commit']}, torch {meta['torch']}, "
+             f"llama-cpp-python {meta['llama_cpp_python']}, transformers {meta['transformers']}; "
+             f"kernels backend {meta['kernels_backend']}.",
+             f"Greedy decode of `{PROMPT}`: llama.cpp and transformers {meta['tokens']} new tokens, ours "
+             f"{meta['ours_tokens']}; engines interleaved, {meta['repeats']} rounds, medians. "
+             f"Copy bandwidth (1 GiB torch copy, read + write): "
+             + ", ".join(f"{v:.1f} GB/s at {t} thread(s)" for t, v in meta["copy_gbps"].items())
+             + f". Load average before / after: {meta['loadavg_before']} / {meta['loadavg_after']}; "
+             f"run took {meta['wall_s']:.0f} s. Command: `python3 benchmarks/bench_cpu_real.py{meta['args']}`.", "",
+             "| weights | threads | MB/token | ours tok/s | ours TTFT | llama.cpp tok/s | llama.cpp TTFT | "
+             "transformers tok/s | transformers TTFT | ours GB/s (of copy) | llama.cpp GB/s (of copy) | "
+             "ours / llama.cpp |", "| --- " * 12 + "|"]
+    for r in rows:
+        def cell(name, key, fmt):
+            return fmt.format(r[name][key]) if name in r else ""
+
+        def bw(name):
+            return f"{r[name]['gbps']:.2f} ({r[name]['frac_of_copy_bw']:.0%})"
+        lines.append(f"| {r['weights']} | {r['threads']} | {r['weight_bytes_per_token'] / 1e6:.1f} | "
+                     f"{cell('ours', 'decode_tok_s', '{:.2f}')} | {cell('ours', 'ttft_ms', '{:.0f} ms')} | "
+                     f"{cell('llama.cpp', 'decode_tok_s', '{:.2f}')} | {cell('llama.cpp', 'ttft_ms', '{:.0f} ms')} | "
+                     f"{cell('transformers', 'decode_tok_s', '{:.2f}')} | "
+                     f"{cell('transformers', 'ttft_ms', '{:.0f} ms')} | {bw('ours')} | {bw('llama.cpp')} | "
+                     f"{r['ours_over_llama_cpp']:.2f}x |")
+    if conc:
+        lines += ["", f"Ours, {conc['requests']} concurrent requests (max_seqs={conc['max_seqs']}, "
+                  f"{conc['tokens_per_request']} tokens each) on {conc['weights']} at {conc['threads']} threads: "
+                  f"**{conc['throughput_tok_s']:.2f} tok/s** in all."]
+    lines += ["", "F32 row: ours and transformers run the float32 Hugging Face checkpoint, llama.cpp the F32 GGUF of the "
+              "same weights. Q8_0 / Q4_0 / Q4_K_M are llama.cpp's requantizations of the Q4_1 weights (via F32).", "",
+              "![cpu_real](cpu_real.png)", ""]
+    (out / "cpu_real.md").write_text("\n".join(lines))
+
+
+def plot(path: Path, rows: list[dict], conc: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [f"{r['weights']}\n{r['threads']}T" for r in rows]
+    engines = ("ours", "llama.cpp", "transformers")
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    width = 0.27
+    for k, name in enumerate(engines):
+        values = [r[name]["decode_tok_s"] if name in r else 0 for r in rows]
+        bars = ax.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.1f}" if v else "" for v in values], fontsize=7)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylabel("batch-1 decode tok/s")
+    title = "SmolLM2-135M-Instruct on CPU, batch-1 greedy decode"
+    if conc:
+        title += f"; ours x{conc['requests']} concurrent (Q4_1): {conc['throughput_tok_s']:.1f} tok/s in all"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per run (llama.cpp, transformers)")
+    ap.add_argument("--ours-tokens", type=int, default=128, help="new tokens per run for ours (default 128)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds per row (medians)")
+    ap.add_argument("--threads", type=int, default=physical_cores(), help="threads of the main rows")
+    ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    ap.add_argument("--out", type=Path, help="default: benchmarks/results/cpu-<N>cores")
+    a = ap.parse_args(argv)
+    a.formats = a.formats.split(",")
+    if bad := [f for f in a.formats if f not in FORMATS]:
+        ap.error(f"unknown formats {bad}; allowed: {', '.join(FORMATS)}")
+    return a
+
+
+def main(argv=None) -> Path:
+    a = parse(argv)
+    from conftest import device_name
+    started, load_before = time.perf_counter(), os.getloadavg()
+    rm = real_models()
+    files = {"hf-f32": rm.smollm2_hf_f32(), "Q4_1": rm.smollm2_q4_1(), "F32": rm.smollm2_f32(),
+             **{t: rm.smollm2_quantized(t) for t in rm.DERIVED_TYPES}}
+    thread_counts = sorted({a.threads, 1}, reverse=True)
+    copy = {t: copy_gbps(t) for t in thread_counts}
+    rows, conc = [], None
+    for fmt in a.formats:
+        with load_ours(files, fmt) as runner:
+            counts = thread_counts if fmt == "Q4_1" else [a.threads]
+            for row in measure_format(runner, files, fmt, counts, a):
+                rows.append(derive(row, weight_bytes(files[fmt]), copy[row["threads"]]))
+            if fmt == "Q4_1":
+                conc = concurrent_throughput(runner, a.threads, a)
+    meta = dict(device=device_name(torch.device("cpu")), **versions(), tokens=a.tokens, ours_tokens=a.ours_tokens,
+                repeats=a.repeats, prompt=PROMPT, copy_gbps=copy, loadavg_before=[round(x, 2) for x in load_before],
+                loadavg_after=[round(x, 2) for x in os.getloadavg()], wall_s=time.perf_counter() - started,
+                args="".join(f" {x}" for x in (argv if argv is not None else sys.argv[1:])))
+    out = a.out or ROOT / "benchmarks" / "results" / meta["device"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_real.json").write_text(json.dumps(dict(meta=meta, rows=rows, concurrent=conc), indent=1))
+    write_table(out, meta, rows, conc)
+    plot(out / "cpu_real.png", rows, conc)
+    print((out / "cpu_real.md").read_text())
+    return out
+
+
+@pytest.mark.slow
+def test_cpu_real():
+    try:
+        real_models().smollm2_q4_1()
+    except RuntimeError as e:
+        pytest.skip(f"real models cannot be fetched: {e}")
+    out = main([])
+    assert (out / "cpu_real.json").is_file()
+
+
+if __name__ == "__main__":
+    main()
