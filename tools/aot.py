@@ -310,15 +310,15 @@ def store_kv(dtype, KVH, D, BS, T):
 def gguf_matmul(qtype: str, M, N, K, dtype=BF16):
     def run():
         from gguf import GGMLQuantizationType
-        qm = kernel_module("quant_matmul")
+        qm = kernel_module("gguf")
         q = GGMLQuantizationType[qtype]
-        qm.quant_matmul(_t(M, K, dtype=dtype), _t(N, qm.row_bytes(q, K), dtype=torch.uint8), q, N, K)
+        qm.gguf_matmul(_t(M, K, dtype=dtype), _t(N, qm.row_bytes(q, K), dtype=torch.uint8), q, N, K)
     return run
 
 
 def xlora(T, K, N, A=8, R=16, dtype=BF16):
     def run():
-        xm = kernel_module("xlora_mix")
+        xm = kernel_module("xlora")
         xm.xlora_mix(_t(T, K, dtype=dtype), _t(A, R, K, dtype=dtype), _t(A, N, R, dtype=dtype), _t(T, A, dtype=dtype),
                      _t(A, dtype=dtype))
     return run
