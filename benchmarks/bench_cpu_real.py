@@ -22,7 +22,6 @@ Writes benchmarks/results/<cpu-Ncores>/cpu_real.md (table), cpu_real.json, cpu_r
 (`tools/bench.py` runs pytest without --runslow, so the slow test here is skipped).
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: our package, not an installed copy
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # run as a script: this checkout's package and tools
 import mistralrs  # noqa: E402
 from mistralrs import CompletionRequest  # noqa: E402
 
@@ -46,10 +45,8 @@ CONCURRENT = 16
 
 
 def real_models():
-    spec = importlib.util.spec_from_file_location("real_models", ROOT / "tools" / "real_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import real_models
+    return real_models
 
 
 @dataclass

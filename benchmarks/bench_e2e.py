@@ -11,12 +11,11 @@ import time
 
 import pytest
 import torch
+from conftest import timed
 
 import mistralrs
 from mistralrs import ChatCompletionRequest, CompletionRequest
 from mistralrs.__main__ import ARCHS, DEMO_MODEL
-
-from conftest import timed
 
 MODEL = os.environ.get("MISTRALRS_BENCH_MODEL", str(DEMO_MODEL))
 ARCH = os.environ.get("MISTRALRS_BENCH_ARCH", "llama")

@@ -1,28 +1,22 @@
 """GGUF end to end: decode tok/s at batch 1 of the demo model converted to GGUF (tools/convert_to_gguf.py, llama.cpp's
 layout), through QuantizedLoader, against llama-cpp-python running the same file in the same run."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import timed
 from gguf import GGMLQuantizationType as Q
 
 import mistralrs
 from mistralrs.__main__ import DEMO_MODEL
-
-from conftest import timed
 
 TOKENS = 64
 PROMPT = "The import statement"
 
 
 def converter():
-    spec = importlib.util.spec_from_file_location(
-        "convert_to_gguf", Path(__file__).resolve().parent.parent / "tools" / "convert_to_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import convert_to_gguf
+    return convert_to_gguf
 
 
 @pytest.fixture(scope="module")

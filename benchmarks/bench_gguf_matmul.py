@@ -3,12 +3,12 @@ against the same shape as a dense bf16 torch matmul (cuBLAS) and against the tor
 Full mode uses Llama/Mistral-7B projection shapes (N, K) in bf16; quick mode (CPU, Triton interpreted) uses tiny
 shapes just to prove the suite runs."""
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from conftest import is_quick, measure, timed
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 from mistralrs.kernels.dequant import dequantize
 from mistralrs.kernels.gguf import gguf_matmul
-
-from conftest import is_quick, measure, timed
 
 QTYPES = [Q.Q4_0, Q.Q8_0, Q.Q4_K]
 FULL = dict(dtype=torch.bfloat16, rounds=20,

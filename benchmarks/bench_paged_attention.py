@@ -4,11 +4,10 @@ K/V stored contiguously and against our torch reference. Full mode uses Mistral-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import is_quick, measure, timed
 
 from mistralrs.kernels import paged_attention as triton_ops
 from mistralrs.kernels import reference
-
-from conftest import is_quick, measure, timed
 
 BS = 16
 FULL = dict(heads=(32, 8, 128), dtype=torch.bfloat16, decode=[(b, n) for b in (1, 8, 64, 256) for n in (512, 4096, 32768)],

@@ -1,10 +1,9 @@
 """Sampling: microseconds per step for a batch of rows with every transform on (penalties, bias, top-k, top-p),
 and the rows per second; the peer is the same arithmetic run row by row (what a per-sequence sampler does)."""
 import torch
+from conftest import is_quick, timed
 
 from mistralrs.sampling import SamplingParams, sample
-
-from conftest import is_quick, timed
 
 FULL = [(1, 32000), (64, 32000), (256, 128256)]
 QUICK = [(1, 1024), (8, 1024)]

@@ -5,10 +5,9 @@ Full mode uses Mistral-7B projection shapes with 9 adapters of rank 16 in bf16 (
 mode (CPU, Triton interpreted) uses tiny shapes just to prove the suite runs."""
 import torch
 import torch.nn.functional as F
+from conftest import is_quick, measure, timed
 
 from mistralrs.kernels.xlora import xlora_mix
-
-from conftest import is_quick, measure, timed
 
 FULL = dict(dtype=torch.bfloat16, adapters=(9, 16), rounds=20,
             cases=[(t, k, n) for t in (1, 8, 512) for k, n in [(4096, 4096), (4096, 14336)]])

@@ -9,9 +9,14 @@ Every case records in extra_info: shape, dtype, device, torch/triton versions, g
 """
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# The tools (converters, real-model fetcher) import as plain modules here too.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,6 +1,15 @@
 """mistralrs: LLM inference with Triton kernels behind the mistralrs Loader/Runner API."""
-from .loader import (GemmaLoader, LlamaLoader, MistralLoader, MixtralLoader, NormalLoader, Phi2Loader, QuantizedLoader,
-                     XLoraLoader, XLoraQuantizedLoader)
+from .loader import (
+    GemmaLoader,
+    LlamaLoader,
+    MistralLoader,
+    MixtralLoader,
+    NormalLoader,
+    Phi2Loader,
+    QuantizedLoader,
+    XLoraLoader,
+    XLoraQuantizedLoader,
+)
 from .requests import ChatCompletionRequest, CompletionRequest, DType, ModelKind
 from .runner import ChatCompletionStreamer, Runner
 

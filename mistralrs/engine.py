@@ -23,7 +23,7 @@ STOP = object()  # tells the engine thread to end
 
 
 def phase(name: str):
-    """A record_function range naming an engine phase in a torch.profiler trace (tools/profile.py). Opening one
+    """A record_function range naming an engine phase in a torch.profiler trace (tools/profile_engine.py). Opening one
     costs about 20 us even with no profiler running, so it is opened only while one records this thread."""
     return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 

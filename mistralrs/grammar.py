@@ -6,8 +6,8 @@ grammar's end token: EOS is allowed exactly when the text so far is a complete m
 import threading
 
 import llguidance
-from llguidance.gbnf_to_lark import gbnf_to_lark
 import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
 from tokenizers import Tokenizer
 
 COMPILERS = {

@@ -13,8 +13,8 @@ from .gguf_model import load_gguf_model
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .pipeline import Pipeline
-from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .requests import ModelKind, model_dtype
+from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .weights import load_state, read_safetensors
 from .xlora_model import load_xlora
 

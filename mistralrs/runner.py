@@ -98,7 +98,7 @@ class Runner:
     @contextlib.contextmanager
     def profiler(self, **profile_kwargs):
         """torch.profiler.profile(**profile_kwargs) recording the engine thread while the block runs
-        (tools/profile.py). The profiler records the thread that starts it, so it is started in the engine."""
+        (tools/profile_engine.py). The profiler records the thread that starts it, so it is started in the engine."""
         prof = torch.profiler.profile(**profile_kwargs)
         self.engine.call(prof.start)
         try:

@@ -21,8 +21,18 @@ from . import hub
 from .layers import CausalLM
 from .linears import QuantLinear, XLoraContext, XLoraLinear
 from .weights import rename
-from .xlora import (CLASSIFIER_PREFIX, Adapter, Ordering, XLoraConfig, check_base_model, read_adapter, read_ordering,
-                    read_tensors, read_xlora_config, stack)
+from .xlora import (
+    CLASSIFIER_PREFIX,
+    Adapter,
+    Ordering,
+    XLoraConfig,
+    check_base_model,
+    read_adapter,
+    read_ordering,
+    read_tensors,
+    read_xlora_config,
+    stack,
+)
 
 
 class Classifier(nn.Module):

@@ -1,7 +1,7 @@
 import hashlib
-import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -13,6 +13,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The tools (checkpoint makers, converters) import as plain modules in tests.
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -20,11 +24,8 @@ def _seed():
 
 
 def _load_tiny_tool():
-    path = Path(__file__).resolve().parent.parent / "tools" / "make_tiny_models.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, path
+    import make_tiny_models
+    return make_tiny_models, Path(make_tiny_models.__file__)
 
 
 class TinyModels:
@@ -86,3 +87,33 @@ def pytest_collection_modifyitems(config, items):
         for keyword, marker in skips:
             if keyword in item.keywords:
                 item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tiny_models, tmp_path_factory):
+    """gguf_file(arch, type, **options) -> Path of the tiny checkpoint converted by tools/convert_to_gguf.py."""
+    import convert_to_gguf
+    root, made = tmp_path_factory.mktemp("gguf"), {}
+
+    def make(arch, qtype="f32", **kw):
+        key = (arch, qtype, *sorted(kw.items()))
+        if key not in made:
+            name = "-".join(map(str, [arch, qtype, *kw.values()]))
+            made[key] = convert_to_gguf.convert(tiny_models[arch], root / f"{name}.gguf", qtype, **kw)
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_llama(tiny_models, tmp_path_factory):
+    """The tiny llama with a SentencePiece BPE tokenizer.model (byte fallback, Llama's options) of the same size."""
+    spm = pytest.importorskip("sentencepiece")
+    ckpt = tmp_path_factory.mktemp("spm") / "llama"
+    shutil.copytree(tiny_models["llama"], ckpt)
+    (ckpt / "tokenizer.json").unlink()
+    lines = [line for text in tiny_models.tool._corpus() for line in text.splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(ckpt / "tokenizer"), vocab_size=1024, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
+    return ckpt, spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))

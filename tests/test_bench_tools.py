@@ -1,5 +1,4 @@
 """tools/bench.py renders pytest-benchmark JSON into a table with derived figures and one PNG per module."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,10 +6,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_tool", ROOT / "tools" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import bench
+    return bench
 
 
 def test_render_writes_table_and_plots(tmp_path):
@@ -37,7 +34,7 @@ def test_profile_reports_engine_phases_and_ops(tmp_path):
     import subprocess
     import sys
     trace = tmp_path / "trace.json"
-    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile.py"), "--requests", "2", "--max-tokens", "4",
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_engine.py"), "--requests", "2", "--max-tokens", "4",
                           "--trace", str(trace)], capture_output=True, text=True, timeout=300, cwd=tmp_path).stdout
     assert re.search(r"2 requests, 8 tokens in [\d.]+ s", out)
     assert re.search(r"aten::mm\s+\d+\s+[\d.]+", out)

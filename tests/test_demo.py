@@ -1,8 +1,8 @@
 """The built-in demo model and `python -m mistralrs`."""
 import json
+import pydoc_data.topics
 import re
 
-import pydoc_data.topics
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -2,33 +2,17 @@
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-from gguf import quants
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as Q
 
 from mistralrs.kernels.dequant import SUPPORTED, dequantize, row_bytes
+
+from helpers import gguf_quantized, random_blocks
 
 # gguf.quants.quantize implements these (F32/F16 by a cast); the K-quants it can only dequantize.
 GGUF_CAN_QUANTIZE = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 BLOCK_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # Byte offsets of the fp16 fields (d, dmin, m) in each block type.
-FP16_FIELDS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q2_K: [80, 82],
-               Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
-
-
-def random_blocks(qtype, rows: int, K: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-    """Random bytes [rows, row_bytes] of a block type, with finite fp16 scales in [scale / 2, scale) patched in."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    data = rng.integers(0, 256, size=(rows, K // block, size), dtype=np.uint8)
-    for offset in FP16_FIELDS[qtype]:
-        d = (scale * rng.uniform(0.5, 1.0, size=(rows, K // block))).astype(np.float16)
-        data[:, :, offset:offset + 2] = d.view(np.uint8).reshape(rows, K // block, 2)
-    return data.reshape(rows, -1)
-
-
-def gguf_quantized(qtype, rows: int, K: int, rng: np.random.Generator) -> np.ndarray:
-    """gguf's quantization of random normal weights: uint8 [rows, row_bytes]."""
-    q = quants.quantize(rng.standard_normal((rows, K)).astype(np.float32), qtype)
-    return np.ascontiguousarray(q).view(np.uint8).reshape(rows, -1)
 
 
 def check_bit_identical(data: np.ndarray, qtype, shape):

@@ -13,9 +13,10 @@ from mistralrs.ggml import read_ggml
 from mistralrs.gguf_model import resident_bytes
 from mistralrs.gguf_tokenizer import tokenizer_from_gguf
 
-from test_gguf import KV, PROMPT, TEXTS, convert, greedy, logits, sentencepiece_llama, tool  # noqa: F401
-
-write_ggml = tool("write_ggml")
+import convert_to_gguf as convert
+import write_ggml
+from helpers import KV, PROMPT, TEXTS, greedy
+from helpers import all_logits as logits
 
 
 def without_rope_scaling(src, dst):

@@ -2,7 +2,6 @@
 same greedy tokens); quantized files against that model with its weights sent through gguf-py's own quantizer and
 dequantizer; and against llama.cpp itself (llama-cpp-python, when installed). Also the tokenizer built from GGUF
 metadata, the loader's options and errors, and damaged files."""
-import importlib.util
 import json
 import os
 import random
@@ -23,47 +22,15 @@ import mistralrs.kernels as kernels
 from mistralrs import ChatCompletionRequest, QuantizedLoader
 from mistralrs.gguf_file import read_gguf
 from mistralrs.gguf_model import load_gguf_model, resident_bytes
-from mistralrs.loader import check_architecture
 from mistralrs.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs.linears import QuantEmbedding, QuantLinear
+from mistralrs.loader import check_architecture
 
-import test_models
-from test_models import all_logits as logits
+import convert_to_gguf as convert
+from helpers import ARCHS, KV, PROMPT, TEXTS, greedy
+from helpers import all_logits as logits
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
 Q = gguf.GGMLQuantizationType
-ARCHS = {"llama": mistralrs.LlamaLoader, "mistral": mistralrs.MistralLoader, "gemma": mistralrs.GemmaLoader,
-         "mixtral": mistralrs.MixtralLoader, "phi2": mistralrs.Phi2Loader}
-KV = dict(kv_cache_tokens=256)
-PROMPT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "
-          "where the trees are tall and the river is cold.")
-TEXTS = [PROMPT, "Hello world!  Two  spaces,\ttabs\nand\n\nnewlines   ", " leading and trailing ", "",
-         "ünïcödé, 日本語 and emoji 🙂 fall back to bytes", "<s>special</s> tokens <unk> in text", "x" * 300]
-
-
-def tool(name: str):
-    # Loaded by path: putting tools/ on sys.path would let tools/profile.py shadow the standard library's.
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = tool("convert_to_gguf")
-
-
-@pytest.fixture(scope="session")
-def gguf_file(tiny_models, tmp_path_factory):
-    """gguf_file(arch, type, **options) -> Path of the tiny checkpoint converted by tools/convert_to_gguf.py."""
-    root, made = tmp_path_factory.mktemp("gguf"), {}
-
-    def make(arch, qtype="f32", **kw):
-        key = (arch, qtype, *sorted(kw.items()))
-        if key not in made:
-            name = "-".join(map(str, [arch, qtype, *kw.values()]))
-            made[key] = convert.convert(tiny_models[arch], root / f"{name}.gguf", qtype, **kw)
-        return made[key]
-    return make
 
 
 def load_gguf(arch, path, model_id=None, **kw):
@@ -74,10 +41,6 @@ def load_gguf(arch, path, model_id=None, **kw):
 
 def load_safetensors(path, arch):
     return mistralrs.NormalLoader(ARCHS[arch], model_id=str(path)).load(token_source="none", **KV)
-
-
-def greedy(runner, ids, n=32):
-    return test_models.greedy(runner, ids, n)
 
 
 # ---- F32: the same model as the safetensors checkpoint ----
@@ -185,21 +148,6 @@ def test_tokenizer_from_gguf_matches_tokenizer_json(tiny_models, gguf_file):
         assert tok.encode(text).ids == ids, text
         assert tok.decode(ids) == ref.decode(ids)
     assert cfg["bos_token"] == "<s>" and cfg["eos_token"] == "</s>" and "{{ bos_token }}" in cfg["chat_template"]
-
-
-@pytest.fixture(scope="session")
-def sentencepiece_llama(tiny_models, tmp_path_factory):
-    """The tiny llama with a SentencePiece BPE tokenizer.model (byte fallback, Llama's options) of the same size."""
-    spm = pytest.importorskip("sentencepiece")
-    ckpt = tmp_path_factory.mktemp("spm") / "llama"
-    shutil.copytree(tiny_models["llama"], ckpt)
-    (ckpt / "tokenizer.json").unlink()
-    lines = [line for text in tiny_models.tool._corpus() for line in text.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(ckpt / "tokenizer"), vocab_size=1024, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=2, minloglevel=2)
-    return ckpt, spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
 
 
 def test_tokenizer_from_gguf_sentencepiece(sentencepiece_llama, tmp_path):
@@ -512,7 +460,7 @@ def test_quantized_model_id_on_the_hub(gguf_file, tmp_path):
                        {"main": main, "v1": v1})
     env = {k: v for k, v in os.environ.items() if k not in HF_ENV}
     env.update(HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TOOLS.parent), env.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])))
     loads = [["default", {}], ["v1", {"quantized_revision": "v1"}], ["base_revision", {"revision": "v1"}],
              ["absent", {"quantized_revision": "nope"}]]
     proc = subprocess.run([sys.executable, "-c", _HUB_SCRIPT, json.dumps(loads)], env=env, cwd=tmp_path,

@@ -5,14 +5,15 @@ import importlib
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 
 import mistralrs.kernels as kernels
 from mistralrs.kernels import gguf_cpu, reference
 from mistralrs.kernels.dequant import dequantize
 from mistralrs.kernels.gguf import SUPPORTED, gguf_matmul
 
-from test_dequant import gguf_quantized, random_blocks
+from helpers import gguf_quantized, random_blocks
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative to the output's largest value
 QTYPES = [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -255,6 +256,7 @@ def test_tied_head_is_the_embedding_bytes(tiny_models, tmp_path):
     from mistralrs.gguf_model import load_gguf_model
     from mistralrs.linears import QuantEmbedding, QuantLinear
     from mistralrs.models import gemma
+
     from test_gguf import convert
 
     path = convert.convert(tiny_models["gemma"], tmp_path / "gemma-q8_0.gguf", "q8_0")

@@ -1,8 +1,6 @@
 import hashlib
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,55 +15,10 @@ from safetensors.torch import save_file
 
 from mistralrs import hub
 
+from helpers import HF_ENV, commit_hash, make_fake_hub_repo
+
 HUB_PY = Path(__file__).resolve().parent.parent / "mistralrs" / "hub.py"
 # The default .gitattributes of a hub repo sends these to LFS; their blobs are named by sha256, the rest by git sha1.
-LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".ggml", ".pt", ".pth", ".h5", ".msgpack")
-HF_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-          "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def commit_hash(label: str) -> str:
-    return hashlib.sha1(label.encode()).hexdigest()
-
-
-def checkpoint_files(directory: Path) -> dict[str, Path]:
-    """{repo filename: path} for every file under a checkpoint directory, as make_fake_hub_repo takes them."""
-    directory = Path(directory)
-    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _etag(src: Path, filename: str) -> str:
-    if filename.endswith(LFS_SUFFIXES):
-        with open(src, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    data = src.read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def make_fake_hub_repo(hf_home: Path, repo_id: str, revisions: list[tuple[str, dict[str, Path]]],
-                       refs: dict[str, str]) -> Path:
-    """Lay out model repo `repo_id` under HF_HOME/hub exactly as huggingface_hub's cache does and return its folder:
-    blobs/<etag>, snapshots/<commit>/<filename> as relative symlinks into blobs, refs/<ref> holding the commit hash.
-
-    revisions: [(40-hex commit, {repo filename: source file})]; refs: {"main": commit, "v1": older commit, ...}.
-    """
-    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
-    for commit, files in revisions:
-        assert re.fullmatch(r"[0-9a-f]{40}", commit), f"commit must be 40 hex digits, got {commit!r}"
-        for filename, src in files.items():
-            blob = repo / "blobs" / _etag(Path(src), filename)
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            if not blob.exists():
-                shutil.copyfile(src, blob)
-            link = repo / "snapshots" / commit / filename
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.unlink(missing_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref, commit in refs.items():
-        path = repo / "refs" / ref
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(commit)  # no newline: huggingface_hub reads the ref file verbatim
-    return repo
 
 
 # hub.py is loaded by path, not through the package: `import mistralrs` would pull in torch and the engine, seconds
@@ -73,6 +26,7 @@ def make_fake_hub_repo(hf_home: Path, repo_id: str, revisions: list[tuple[str, d
 _PRELUDE = f"""
 import dataclasses, importlib.util, json, logging, sys
 from pathlib import Path
+
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 spec = importlib.util.spec_from_file_location("hub", {str(HUB_PY)!r})
 hub = importlib.util.module_from_spec(spec)
@@ -319,7 +273,6 @@ def test_cache_token_from_hf_home_and_anonymous_fallback(tmp_path):
     [anonymous], log = run_hub(empty, "hub.resolve_token()")
     assert stored == {"value": "hf_stored"} and from_env == {"value": "hf_env"}
     assert anonymous == {"value": False} and "anonymous" in log
-
 
 
 class _HubErrors(BaseHTTPRequestHandler):

@@ -14,11 +14,20 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, normalizers
 
 import mistralrs
-from mistralrs import (ChatCompletionRequest, CompletionRequest, DType, LlamaLoader, ModelKind, NormalLoader,
-                       QuantizedLoader, XLoraLoader, XLoraQuantizedLoader)
+from mistralrs import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DType,
+    LlamaLoader,
+    ModelKind,
+    NormalLoader,
+    QuantizedLoader,
+    XLoraLoader,
+    XLoraQuantizedLoader,
+)
 from mistralrs import chat_template as chat_template_module
 
-from test_hub import HF_ENV, checkpoint_files, commit_hash, make_fake_hub_repo
+from helpers import HF_ENV, checkpoint_files, commit_hash, make_fake_hub_repo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MSGS = [{"role": "user", "content": "Hello there"}]

@@ -1,83 +1,20 @@
 """Each architecture, loaded through NormalLoader, against Hugging Face transformers on the same checkpoint."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import mistralrs
-from mistralrs.block_manager import BlockManager
 from mistralrs.model_runner import SeqState
-from mistralrs.scheduler import Scheduler
 
-ARCHS = {
-    "llama": mistralrs.LlamaLoader,
-    "mistral": mistralrs.MistralLoader,
-    "gemma": mistralrs.GemmaLoader,
-    "mixtral": mistralrs.MixtralLoader,
-    "phi2": mistralrs.Phi2Loader,
-}
-PROMPT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest "
-          "where the trees are tall and the river is cold.")
-
-
-def load(path, arch, **kw):
-    loader = mistralrs.NormalLoader(ARCHS[arch], model_id=str(path), no_kv_cache=kw.pop("no_kv_cache", False))
-    return loader.load(token_source="none", **kw)
-
-
-def hf_model(path, dtype=torch.float32):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-
-
-def prompt_ids(runner):
-    ids = runner.pipeline.tokenizer.encode(PROMPT).ids
-    assert len(ids) > 2 * 8, "the prompt must be longer than Mistral's sliding window"
-    return ids
-
-
-class Driver:
-    """Steps sequences as the engine does, minus sampling: a scheduler of its own allocates their blocks (the
-    Runner's engine thread keeps its own, idle while a test drives the model), the runner's model runner runs them."""
-
-    def __init__(self, runner, max_seqs: int = 8):
-        self.mr = runner.pipeline.model_runner
-        self.scheduler = Scheduler(BlockManager(self.mr.num_blocks, self.mr.block_size), max_seqs,
-                                   no_kv_cache=self.mr.no_kv_cache)
-
-    def step(self, seqs, all_logits=False):
-        """One step of exactly these sequences; those not yet scheduled are added."""
-        sched = self.scheduler
-        for s in seqs:
-            if s not in sched.running and s not in sched.waiting:
-                sched.add(s)
-        batch, too_long = sched.schedule()
-        assert batch == seqs and not too_long, "the test's sequences must fit the KV cache together"
-        return self.mr.step(batch, sched.block_tables(batch), all_logits=all_logits)
-
-    def finish(self, *seqs):
-        for s in seqs:
-            self.scheduler.remove(s)
-
-
-def all_logits(runner, ids):
-    """[T, V]: the logits of every prompt token, from one prefill."""
-    d, seq = Driver(runner), SeqState(list(ids))
-    out = d.step([seq], all_logits=True)
-    d.finish(seq)
-    return out
-
-
-def greedy(runner, ids, n):
-    d, seq = Driver(runner), SeqState(list(ids))
-    for _ in range(n):
-        seq.tokens.append(int(d.step([seq]).argmax(-1)))
-    d.finish(seq)
-    return seq.tokens[len(ids):]
-
-
-def hf_greedy(model, ids, n):
-    model.generation_config.eos_token_id = None  # compare 32 tokens, whatever they are
-    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
+from helpers import (
+    ARCHS,
+    Driver,
+    all_logits,
+    greedy,
+    hf_greedy,
+    hf_model,
+    load,
+    prompt_ids,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

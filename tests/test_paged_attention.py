@@ -109,7 +109,8 @@ def test_greedy_generation_with_triton_ops_equals_reference(tiny_models, monkeyp
     """Mistral: GQA and a sliding window shorter than the prompt; Gemma: MQA with head_dim 32."""
     import mistralrs
     from mistralrs import kernels
-    from test_models import ARCHS, greedy, prompt_ids
+
+    from helpers import ARCHS, greedy, prompt_ids
 
     loader = mistralrs.NormalLoader(ARCHS[arch], model_id=str(tiny_models[arch]))
     with loader.load(token_source="none", block_size=16) as runner:

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import mistralrs
 from mistralrs import ChatCompletionRequest, CompletionRequest
 
-from test_models import ARCHS, PROMPT
+from helpers import ARCHS, PROMPT
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where does the river go?"}]
 

@@ -1,5 +1,4 @@
 """X-LoRA through XLoraLoader against PEFT's XLoraModel on the same tiny llama, adapters and classifier."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,21 +11,17 @@ import mistralrs
 from mistralrs import CompletionRequest
 from mistralrs.model_runner import SeqState
 
-from test_models import ARCHS, PROMPT, Driver, all_logits, greedy
+import convert_to_gguf
+import make_tiny_xlora
+import write_ggml
+from helpers import ARCHS, PROMPT, Driver, all_logits, greedy
 
 VARIANTS = {"depth1": dict(depth=1), "depth2": dict(depth=2), "depth2_layerwise": dict(depth=2, layerwise=True)}
 
 
-def _tool(name):
-    # Loaded by path: putting tools/ on sys.path would shadow the stdlib's `profile` with tools/profile.py.
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-TOOL = _tool("make_tiny_xlora")
+TOOL = make_tiny_xlora
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +330,7 @@ def test_f32_gguf_base_matches_peft(tiny_models, tmp_path, arch):
     """XLoraQuantizedLoader on an F32 GGUF of the checkpoint: the same model, so the same logits as PEFT."""
     base = tiny_models[arch]
     repo = TOOL.write_xlora(base, tmp_path / "x", depth=2)
-    gguf = _tool("convert_to_gguf").convert(base, tmp_path / f"{arch}.gguf", "f32")
+    gguf = convert_to_gguf.convert(base, tmp_path / f"{arch}.gguf", "f32")
     loader = mistralrs.XLoraQuantizedLoader(ARCHS[arch], model_id=str(base), is_gguf=True, quantized_model_id="",
                                             quantized_filename=str(gguf), order_file=str(repo / "ordering.json"),
                                             xlora_model_id=str(repo))
@@ -355,7 +350,7 @@ def test_ggml_base(tiny_models, tmp_path, qtype):
     cfg["rope_scaling"] = None
     (base / "config.json").write_text(json.dumps(cfg))
     repo = TOOL.write_xlora(base, tmp_path / "x", depth=1)
-    ggml = _tool("write_ggml").write_ggml(base, tmp_path / "llama.bin", qtype)
+    ggml = write_ggml.write_ggml(base, tmp_path / "llama.bin", qtype)
     loader = mistralrs.XLoraQuantizedLoader(mistralrs.LlamaLoader, model_id=str(base), is_gguf=False, gqa=2,
                                             quantized_model_id="", quantized_filename=str(ggml),
                                             order_file=str(repo / "ordering.json"), xlora_model_id=str(repo))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not tools/: its profile.py would shadow the standard library's (torch imports cProfile)
+sys.path.insert(0, str(ROOT))  # run as a script: this checkout's package, not an installed copy
 
 import torch  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402

@@ -181,7 +181,12 @@ def smollm2_hf_f32() -> Path:
     if target.is_dir():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
     q4_1 = smollm2_q4_1()
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-f32-"))
     try:
@@ -227,8 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as a script, this folder leads sys.path, and its profile.py would shadow the standard library's, which
-    # transformers imports (through cProfile).
-    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-        sys.path.pop(0)
     main()

@@ -9,11 +9,11 @@ LlamaForCausalLM (a dev dependency), so the demo also exercises our loader again
 import argparse
 import json
 import math
+import pydoc_data.topics
 import re
 import time
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 

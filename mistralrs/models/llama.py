@@ -1,8 +1,14 @@
 """Llama: pre-norm blocks, RMSNorm, rotary (optionally llama3-scaled), GQA attention, SwiGLU MLP."""
 from dataclasses import dataclass
 
-from ..config import (GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields,
-                      gguf_no_experts)
+from ..config import (
+    GGUF_BASE_NAMES,
+    GGUF_GATED_MLP_NAMES,
+    ModelArgs,
+    common_gguf_fields,
+    common_hf_fields,
+    gguf_no_experts,
+)
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("llama",)

@@ -1,8 +1,15 @@
 """Mistral: Llama's graph plus sliding-window attention (each token sees the last `sliding_window` positions)."""
 from dataclasses import dataclass
 
-from ..config import (GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields,
-                      gguf_get, gguf_no_experts)
+from ..config import (
+    GGUF_BASE_NAMES,
+    GGUF_GATED_MLP_NAMES,
+    ModelArgs,
+    common_gguf_fields,
+    common_hf_fields,
+    gguf_get,
+    gguf_no_experts,
+)
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("mistral",)

@@ -1,8 +1,7 @@
 """Mixtral: Mistral's attention with a sparse mixture of SwiGLU experts (top-k routing) in place of the MLP."""
 from dataclasses import dataclass
 
-from ..config import (GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require,
-                      require)
+from ..config import GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require, require
 from ..layers import Attention, CausalLM, PreNormBlock, RMSNorm, Rotary, SparseMoE
 
 MODEL_TYPES = ("mixtral",)

@@ -1,27 +1,21 @@
 """Profile the engine serving N concurrent requests: a Chrome trace, a per-kernel table and a per-phase breakdown.
 
-    python tools/profile.py                                   # the built-in demo model
-    python tools/profile.py --model-id mistralai/Mistral-7B-Instruct-v0.2 --arch mistral --requests 16
-    python tools/profile.py --trace /tmp/trace.json           # open in chrome://tracing or ui.perfetto.dev
+    python tools/profile_engine.py                                   # the built-in demo model
+    python tools/profile_engine.py --model-id mistralai/Mistral-7B-Instruct-v0.2 --arch mistral --requests 16
+    python tools/profile_engine.py --trace /tmp/trace.json           # open in chrome://tracing or ui.perfetto.dev
 
 Phases are the engine's record_function ranges: mistralrs.schedule, .forward, .sample, .detokenize.
 """
-import sys
+import argparse
+import threading
+import time
 from pathlib import Path
 
-# Run as a script, this file's folder is sys.path[0], and its name would shadow the stdlib `profile` that torch
-# imports: put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import torch
+from torch.profiler import ProfilerActivity
 
-import argparse  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity  # noqa: E402
-
-import mistralrs  # noqa: E402
-from mistralrs.__main__ import ARCHS, DEMO_MODEL  # noqa: E402
+import mistralrs
+from mistralrs.__main__ import ARCHS, DEMO_MODEL
 
 PHASES = ("mistralrs.schedule", "mistralrs.forward", "mistralrs.sample", "mistralrs.detokenize")
 
