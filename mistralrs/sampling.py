@@ -62,7 +62,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
     Each step only does the work some row asks for: a greedy batch with no penalty, bias or logprobs is one argmax."""
     B, V = logits.shape
     dev = logits.device
-    logits = logits.float()
+    if logits.dtype != torch.float32:  # .float() on float32 logits is a no-op that still costs a dispatch
+        logits = logits.float()
     k = max(p.top_logprobs for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if k or any(p.logprobs for p in params) else None
 
