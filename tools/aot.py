@@ -42,6 +42,7 @@ import torch
 import triton
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "mistralrs" / "kernels"
+KERNEL_MODULES = ("paged_attention", "quant_matmul", "xlora_mix")  # the files under KERNELS_DIR with @triton.jit
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,8 @@ def capture(sms: int):
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(Launch(self, args, kwargs, tuple(grid)))
 
+    for name in KERNEL_MODULES:  # loaded first, so that every launcher below sees `sms`
+        kernel_module(name)
     fake_cuda = types.SimpleNamespace(type="cuda")
     saved = [(triton.runtime.JITFunction, "run", triton.runtime.JITFunction.run),
              (torch.cuda, "get_device_properties", torch.cuda.get_device_properties)]
