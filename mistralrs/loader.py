@@ -9,6 +9,7 @@ from .config import read_json
 from .ggml import read_ggml
 from .gguf_file import read_gguf
 from .gguf_model import load_gguf_model
+from .linears import cpu_matvec_layout
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .pipeline import Pipeline, eos_ids, kv_blocks, load_tokenizer, quantized_path, quantized_tokenizer
@@ -109,6 +110,7 @@ class ArchLoader:
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
         model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
+        model = cpu_matvec_layout(model)
         blocks = kv_blocks(args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
         template, special = chat_template.resolve(o.chat_template, tok_cfg)
@@ -148,6 +150,7 @@ class ArchLoader:
         o = self.options
         model, args, qfile = self.quantized_base(token, quantized_revision, dtype, device)
         model, kv_sets = self._maybe_xlora(model, args, token, xlora_revision, dtype, device)
+        model = cpu_matvec_layout(model)
         tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
         template, special = chat_template.resolve(o.chat_template, tok_cfg)
         md = qfile.metadata
