@@ -70,14 +70,15 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None, xlora_revision=None):
+             quantized_revision=None, xlora_revision=None, threads=None):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
         tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
         `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's),
-        `xlora_revision` (revision of xlora_model_id; default "main")."""
-        from .runner import Runner
+        `xlora_revision` (revision of xlora_model_id; default "main"), `threads` (CPU threads of the engine, an
+        int >= 1; default: torch's thread count in the calling thread, at most one per physical core)."""
+        from .runner import Runner, cpu_threads
 
         o = self.options
         quantized = o.kind not in (ModelKind.Normal, ModelKind.XLoraNormal)
@@ -86,6 +87,7 @@ class ArchLoader:
         o.check()
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
+        threads = cpu_threads(threads)
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = model_dtype(dtype, device)
@@ -95,7 +97,8 @@ class ArchLoader:
         else:
             pipeline = self._load_normal(token, revision, dtype, device, kv_cache_tokens, block_size,
                                          xlora_revision)
-        return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
+        return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
+                      threads=threads)
 
     def _load_normal(self, token, revision, dtype, device, kv_cache_tokens, block_size,
                      xlora_revision=None) -> Pipeline:
