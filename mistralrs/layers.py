@@ -52,11 +52,14 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm's x * rsqrt(mean(x^2) + eps) * w is Hugging Face's to the bit, in fewer ops; its weight goes in
+        # only in fp32, where Hugging Face's cast back before multiplying changes nothing.
+        dim = self.weight.shape
         if self.unit_offset:
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+            return F.rms_norm(x.float(), dim, 1.0 + self.weight.float(), self.eps).to(x.dtype)
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, dim, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), dim, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -83,27 +86,49 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 class Rotary:
-    """Rotary position embedding on the first `rotary_dim` dims of each head (Hugging Face's rotate-half layout)."""
+    """Rotary position embedding on the first `rotary_dim` dims of each head (Hugging Face's rotate-half layout).
+
+    cos and sin of positions 0..P-1 are tabled once per device and dtype, P the next power of two past the largest
+    position seen, so a step only looks its positions up."""
 
     def __init__(self, rotary_dim: int, theta: float, scaling: dict | None = None):
         self.rotary_dim = rotary_dim
         self.inv_freq = rope_inv_freq(rotary_dim, theta, scaling)
 
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self._inv_freq
+
+    @inv_freq.setter
+    def inv_freq(self, value: torch.Tensor) -> None:  # GGUF rope factors rescale it after the build
+        self._inv_freq, self._tables = value, {}
+
+    def _table(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[n, 2, rotary_dim]: cos, and sin signed for rotate-half (-sin on the first half, see apply_rotary)."""
+        positions = torch.arange(n, dtype=torch.int64, device=device).float()
+        freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [n, rotary_dim / 2], as Hugging Face's
+        cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
+        return torch.stack((cos, torch.cat((-sin, sin), dim=-1)), dim=1).to(dtype)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, rotary_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, rotary_dim]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, signed sin: [T, 1, rotary_dim] each, at `positions` [T]."""
+        table = self._tables.get((positions.device, dtype))
+        need = int(positions.max()) + 1
+        if table is None or table.shape[0] < need:
+            table = self._tables[positions.device, dtype] = self._table(1 << (need - 1).bit_length(),
+                                                                        positions.device, dtype)
+        cs = table[positions]  # [T, 2, rotary_dim]
+        return cs[:, None, 0], cs[:, None, 1]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; rotates (x1, x2) halves of the first cos.shape[-1] dims."""
+    """x: [T, H, D]; rotates (x1, x2) halves of the first r = cos.shape[-1] dims: x * cos + (-x2, x1) * sin, written
+    as x * cos + (x2, x1) * (-sin, sin) with the sign in Rotary's table (the same numbers, in half the ops)."""
     r = cos.shape[-1]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+    if r == x.shape[-1]:
+        return x * cos + x.roll(r // 2, -1) * sin
+    x_rot = x[..., :r]
+    return torch.cat((x_rot * cos + x_rot.roll(r // 2, -1) * sin, x[..., r:]), dim=-1)
 
 
 class Attention(nn.Module):

@@ -10,6 +10,7 @@ from .config import read_json
 from .ggml import read_ggml
 from .gguf_file import read_gguf
 from .gguf_model import load_gguf_model
+from .linears import cpu_matvec_layout
 from .model_runner import ModelRunner
 from .models import gemma, llama, mistral, mixtral, phi2
 from .pipeline import Pipeline
@@ -75,14 +76,15 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None, xlora_revision=None):
+             quantized_revision=None, xlora_revision=None, threads=None):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
         tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
         `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's),
-        `xlora_revision` (revision of xlora_model_id; default "main")."""
-        from .runner import Runner
+        `xlora_revision` (revision of xlora_model_id; default "main"), `threads` (CPU threads of the engine, an
+        int >= 1; default: torch's thread count in the calling thread, at most one per physical core)."""
+        from .runner import Runner, cpu_threads
 
         o = self.options
         if o.model_id is None and not o.kind.is_quantized:
@@ -90,12 +92,14 @@ class ArchLoader:
         o.check()
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
+        threads = cpu_threads(threads)
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = model_dtype(dtype, device)
         loaded = (self._quantized(token, revision, quantized_revision, dtype, device) if o.kind.is_quantized
                   else self._normal(token, revision, dtype, device))
         model, kv_sets = self._maybe_xlora(loaded.model, loaded.args, token, xlora_revision, dtype, device)
+        model = cpu_matvec_layout(model)
         blocks = kv_cache(loaded.args, dtype, device, kv_cache_tokens, block_size, kv_sets)
         template, special = chat_template.resolve(o.chat_template, loaded.tok_cfg)
         pipeline = Pipeline(
@@ -104,7 +108,8 @@ class ArchLoader:
             eos_token_ids=eos_ids(loaded.tokenizer, special, *loaded.eos_configs),
             max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
             repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
-        return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile)
+        return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
+                      threads=threads)
 
     def _normal(self, token, revision, dtype, device) -> "Loaded":
         o, m = self.options, self.module

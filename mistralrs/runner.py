@@ -3,6 +3,7 @@ builds the request's sequences; the engine thread (engine.py) serves them."""
 import contextlib
 import json
 import logging
+import os
 import queue
 import random
 import threading
@@ -45,12 +46,39 @@ class ChatCompletionStreamer:
         return json.dumps(item)
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on: hyperthread siblings count once."""
+    try:
+        topology = "/sys/devices/system/cpu/cpu{}/topology/{}"
+        return len({tuple(open(topology.format(c, f)).read() for f in ("physical_package_id", "core_id"))
+                    for c in os.sched_getaffinity(0)})
+    except (AttributeError, OSError):  # no affinity call (macOS, Windows) or no sysfs topology
+        pass
+    try:
+        import psutil
+        return psutil.cpu_count(logical=False) or torch.get_num_threads()
+    except ImportError:
+        return torch.get_num_threads()
+
+
+def cpu_threads(threads) -> int:
+    """load()'s `threads`: the intra-op thread count of the engine thread. None: torch's count in the calling thread
+    (torch.set_num_threads, OMP_NUM_THREADS, else torch's default), at most one per physical core."""
+    if threads is None:
+        return max(1, min(torch.get_num_threads(), physical_cores()))
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1 or None (one per physical core), got {threads!r}")
+    return threads
+
+
 class Runner:
     """Created by a loader's load(). Thread-safe: send requests from as many threads as you like."""
 
-    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile: str | None):
+    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile: str | None,
+                 threads: int | None = None):
         if not isinstance(truncate_sequence, bool):
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
+        threads = cpu_threads(threads)
         self.pipeline = pipeline
         self.truncate_sequence = truncate_sequence
         mr = pipeline.model_runner
@@ -61,6 +89,8 @@ class Runner:
         log_response = self._log
         self.engine = Engine(pipeline, self.scheduler,
                              on_response=(lambda r: log_response("response", r)) if logfile else None)
+        # torch's thread count belongs to the thread that sets it (and seeds threads started later).
+        self.engine.call(lambda: torch.set_num_threads(threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):

@@ -389,6 +389,49 @@ def test_max_seqs(llama, max_seqs):
         load(llama, max_seqs=max_seqs)
 
 
+@pytest.mark.parametrize("threads", [0, -2, True, 1.5, "2"])
+def test_threads_must_be_a_positive_int(llama, threads):
+    with pytest.raises(ValueError, match="threads must be an int >= 1 or None"):
+        load(llama, threads=threads)
+
+
+def engine_threads(runner) -> int:
+    seen = []
+    runner.engine.call(lambda: seen.append(torch.get_num_threads()))
+    return seen[0]
+
+
+def test_threads_apply_to_the_engine_thread(llama):
+    with load(llama, threads=1) as runner:
+        assert engine_threads(runner) == 1
+        reply = json.loads(runner.send_completion_request(CompletionRequest("def", "m", max_tokens=3, temperature=0)))
+        assert reply["usage"]["completion_tokens"] == 3
+
+
+def test_default_threads_are_the_callers_at_most_one_per_physical_core(llama, monkeypatch):
+    from mistralrs import runner as runner_module
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with load(llama) as runner:
+            assert engine_threads(runner) == 1  # the caller's torch.set_num_threads is kept
+        torch.set_num_threads(before)
+        monkeypatch.setattr(runner_module, "physical_cores", lambda: 1)  # e.g. 1 core with 2 hyperthreads
+        with load(llama) as runner:
+            assert engine_threads(runner) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_physical_cores():
+    from mistralrs.runner import physical_cores
+    n = physical_cores()
+    assert 1 <= n <= os.cpu_count()
+    psutil = pytest.importorskip("psutil")
+    if len(os.sched_getaffinity(0)) == os.cpu_count():  # the whole machine is ours: psutil counts the same cores
+        assert n == psutil.cpu_count(logical=False)
+
+
 def test_truncate_sequence_must_be_bool(llama):
     with pytest.raises(TypeError, match="truncate_sequence must be a bool"):
         load(llama, truncate_sequence="yes")

@@ -1,6 +1,7 @@
 """Each architecture, loaded through NormalLoader, against Hugging Face transformers on the same checkpoint."""
 import pytest
 import torch
+from torch import nn
 
 import mistralrs
 from mistralrs.model_runner import SeqState
@@ -30,6 +31,23 @@ def test_logits_match_transformers(tiny_models, arch):
     print(f"{arch}: max |logits - transformers| = {diff:.2e}")  # shown with -s
     assert diff <= 1e-4, diff
     assert (last - ref[-1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cpu_weight_layout(tiny_models, arch):
+    """On CPU, float32 Linears with out_features >= in_features hold a [K, N] tensor seen through a transposed view
+    (test_logits_match_transformers checks the values); narrower ones keep [N, K]; a tied lm_head stays the
+    embedding's own tensor, not a copy."""
+    model = load(tiny_models[arch], arch).pipeline.model_runner.model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert {m.out_features >= m.in_features for m in linears} == {True, False}  # both kinds are checked
+    for m in linears:
+        assert (m.weight.stride() == (1, m.out_features)) == (m.out_features >= m.in_features), m
+        assert m.weight.t().is_contiguous() or m.weight.is_contiguous()
+    if model.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    fp16 = load(tiny_models[arch], arch, dtype=mistralrs.DType.F16).pipeline.model_runner.model
+    assert all(m.weight.is_contiguous() for m in fp16.modules() if isinstance(m, nn.Linear))  # float32 only
 
 
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])

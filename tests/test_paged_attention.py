@@ -1,20 +1,25 @@
-"""Triton paged attention (interpreted on CPU) against the torch reference, on random paged caches."""
+"""Triton paged attention (interpreted on CPU) and the CPU attention (attention_cpu.py) against the torch reference,
+on random paged caches."""
 import pytest
 import torch
 
+from mistralrs import kernels
+from mistralrs.kernels import attention_cpu, reference
 from mistralrs.kernels import paged_attention as triton_ops
-from mistralrs.kernels import reference
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def make_case(q_lens, ctx_lens, H, KVH, D, BS, dtype, seed=0):
-    """Random K/V for each sequence's context, written to shuffled pages; queries are each context's last tokens."""
+def make_case(q_lens, ctx_lens, H, KVH, D, BS, dtype, seed=0, consecutive=False):
+    """Random K/V for each sequence's context, written to shuffled pages (or, consecutive=True, each sequence's in
+    consecutive pages, as a fresh block manager hands them out); queries are each context's last tokens."""
     g = torch.Generator().manual_seed(seed)
     pages_needed = [-(-n // BS) for n in ctx_lens]
     NB = sum(pages_needed) + 2
     order = torch.randperm(NB, generator=g).tolist()  # pages out of order, as after preemption and reuse
+    if consecutive:
+        order = list(range(NB))[::-1]  # popped from the end: 0, 1, 2, ...
     k_cache = torch.zeros(NB, BS, KVH, D, dtype=dtype)
     v_cache = torch.zeros(NB, BS, KVH, D, dtype=dtype)
     tables, slots = [], []
@@ -91,6 +96,74 @@ def test_softcap_matches_reference():
     uncapped = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     torch.testing.assert_close(ours, ref, **TOL[torch.float32])
     assert not torch.allclose(ref, uncapped, atol=1e-3)
+
+
+CPU_CASES = {
+    **{name: CASES[name] for name in ("prefill_mixed_lengths_gqa4", "chunked_prefill_over_context",
+                                      "decode_batch_half_full_block_gqa8", "decode_one_token",
+                                      "non_power_of_two_heads_d80", "odd_block_size", "gemma_mqa_d256")},
+    "smollm_gqa3_prefill": ([16], [16], 9, 3, 64, 16),
+    "smollm_gqa3_decode_batch": ([1, 1, 1], [16, 257, 31], 9, 3, 64, 16),
+    "ragged_prefill_and_chunked": ([5, 12, 1], [5, 40, 17], 9, 3, 64, 16),
+    "mqa_chunk_over_context": ([3], [50], 4, 1, 32, 16),
+}
+CPU_VARIANTS = {  # dtype, pages consecutive (read in place) or shuffled (gathered), softcap
+    "f32": (torch.float32, False, None),
+    "f32_consecutive": (torch.float32, True, None),
+    "bf16": (torch.bfloat16, False, None),
+    "f32_softcap": (torch.float32, False, 5.0),
+    "bf16_consecutive_softcap": (torch.bfloat16, True, 5.0),
+}
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("window", [None, 6, 1000], ids=["no_window", "window_6", "window_1000"])
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_cpu_attention_matches_reference(case, window, variant):
+    q_lens, ctx_lens, H, KVH, D, BS = CPU_CASES[case]
+    dtype, consecutive, softcap = CPU_VARIANTS[variant]
+    q, k_cache, v_cache, tables, lens, cu = make_case(q_lens, ctx_lens, H, KVH, D, BS, dtype,
+                                                      consecutive=consecutive)
+    q = q * 3  # logits of a few units, so that softcap and masking both show
+    scale = D ** -0.5
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, softcap)
+    ours = attention_cpu.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, softcap)
+    torch.testing.assert_close(ours, ref, **TOL[dtype])
+    if all(n == 1 for n in q_lens):
+        ours = attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, softcap)
+        torch.testing.assert_close(ours, ref, **TOL[dtype])
+
+
+def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
+    """A sequence on consecutive pages is attended as a view of the cache: no gather (index) of its pages."""
+    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.float32, consecutive=True)
+    gathered = []
+    real = attention_cpu._context
+
+    def spy(cache, blocks, n):
+        out = real(cache, blocks, n)
+        gathered.append(out.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr())
+        return out
+    monkeypatch.setattr(attention_cpu, "_context", spy)
+    attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert gathered == [False, False]
+    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.float32)
+    gathered.clear()
+    attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert gathered == [True, True]
+
+
+@pytest.mark.parametrize("backend,impl", [("auto", attention_cpu), ("reference", reference)])
+def test_cpu_dispatch(monkeypatch, backend, impl):
+    """The one dispatch point sends CPU tensors to attention_cpu, or to the reference when asked."""
+    q, k_cache, v_cache, tables, lens, cu = make_case([1], [20], 4, 2, 64, 16, torch.float32)
+    calls = []
+    for op in ("paged_attention", "paged_decode_attention"):
+        monkeypatch.setattr(impl, op, lambda *a, op=op: calls.append(op))
+    monkeypatch.setattr(kernels, "BACKEND", backend)
+    kernels.prefill_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    kernels.decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    assert calls == ["paged_attention", "paged_decode_attention"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])

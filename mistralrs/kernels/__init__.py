@@ -3,14 +3,18 @@ dispatch, its Triton launcher (kernels/<family>.py), its reference (kernels/refe
 one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (benchmarks/bench_<op>.py).
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
-    "auto"       Triton for CUDA tensors; for CPU tensors the C++ kernel where the op has one (gguf_matmul), else
-                 the torch reference (the default)
+    "auto"       Triton for CUDA tensors; for CPU tensors the CPU implementation where the op has one
+                 (attention_cpu.py's attention, gguf_cpu's C++ gguf_matmul), else the torch reference (the default)
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)
+
+The attention implementations (reference.py, attention_cpu.py, the Triton paged_attention.py) name their ops
+paged_attention and paged_decode_attention; here they are prefill_attention and decode_attention, since a function
+named paged_attention would be replaced by the submodule of that name once it is imported.
 """
 import os
 
-from . import reference
+from . import attention_cpu, reference
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND = os.environ.get("MISTRALRS_KERNELS", "auto")
@@ -22,29 +26,28 @@ def _use_triton(x) -> bool:
     return BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda)
 
 
-def _impl(x):
-    if not _use_triton(x):
-        return reference
-    from . import paged_attention  # imported on first use: CPU-only users never load triton
-    return paged_attention
+def _attention(x):
+    if _use_triton(x):
+        from . import paged_attention  # imported on first use: CPU-only users never load triton
+        return paged_attention
+    return reference if BACKEND == "reference" else attention_cpu
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    return _impl(k).store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return _attention(k).store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
                       softcap=None):
-    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
-                                    sliding_window, softcap)
+    return _attention(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                                         sliding_window, softcap)
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
                      softcap=None):
     """One new token per sequence: Triton uses split-K flash-decoding here."""
-    impl = _impl(q)
-    op = reference.paged_attention if impl is reference else impl.paged_decode_attention
-    return op(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window, softcap)
+    return _attention(q).paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                                                sliding_window, softcap)
 
 
 def gguf_matmul(x, qweight, qtype, N, K):

@@ -1,4 +1,5 @@
-"""Plain-torch reference of every kernel op: the spec, the test oracle, the benchmark baseline, the CPU path.
+"""Plain-torch reference of every kernel op: the spec, the test oracle, the benchmark baseline, and the CPU path of
+the ops that have no faster CPU implementation (attention has one: attention_cpu.py).
 
 Paged KV cache layout (shared with the Triton kernels):
     k_cache, v_cache: [NB, BS, KVH, D]; token slot s lives at block s // BS, row s % BS.
@@ -49,6 +50,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
         out[start:end] = torch.einsum("hln,nhd->lhd", p, v).to(q.dtype)
     return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """One new query per sequence (q [B, H, D]): paged_attention's case L_b = 1."""
+    return paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window,
+                           softcap)
 
 
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:

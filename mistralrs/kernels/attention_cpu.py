@@ -1,0 +1,87 @@
+"""Paged attention for CPU tensors: torch's fused attention (scaled_dot_product_attention, GQA without expanding the
+KV heads) on each sequence's context. Same signatures and results as reference.paged_attention / paged_decode_attention.
+
+Paged KV cache layout as in reference.py: [NB, BS, KVH, D]. A sequence whose blocks are consecutive ids (a sequence
+alone on the cache gets blocks 0, 1, 2, ... from the block manager's free list) is read in place as a strided view of
+the cache; any other is gathered, once per call, by its slots.
+"""
+import torch
+import torch.nn.functional as F
+
+from .reference import store_kv  # noqa: F401  (writing the new tokens' slots is one index_put either way)
+
+
+def _context(cache: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
+    """[n, KVH, D]: a sequence's first n cached tokens, a view when its blocks are consecutive, else a copy."""
+    NB, BS, KVH, D = cache.shape
+    flat = cache.view(NB * BS, KVH, D)
+    if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+        return flat[blocks[0] * BS: blocks[0] * BS + n]
+    return cache[torch.tensor(blocks, device=cache.device)].view(-1, KVH, D)[:n]
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(1, 0, 2)[None]  # [L, H, D] -> [1, H, L, D], a view
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None,
+            causal: bool, softcap: float | None) -> torch.Tensor:
+    """q [L, H, D], k/v [N, KVH, D], mask [L, N] bool (True = visible) or None -> [L, H, D]."""
+    if softcap is None:
+        o = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask,
+                                           is_causal=causal, scale=scale, enable_gqa=True)
+        return o[0].permute(1, 0, 2)
+    # SDPA cannot cap the logits: grouped heads by hand, in fp32 as the reference.
+    L, H, D = q.shape
+    N, KVH, _ = k.shape
+    G = H // KVH
+    qg = q.float().view(L, KVH, G, D).permute(1, 2, 0, 3)  # [KVH, G, L, D]
+    s = qg @ k.float().permute(1, 2, 0)[:, None] * scale  # [KVH, G, L, N]
+    s = softcap * torch.tanh(s / softcap)
+    if causal:
+        mask = torch.ones(L, N, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    o = torch.softmax(s, dim=-1) @ v.float().permute(1, 0, 2)[:, None]  # [KVH, G, L, D]
+    return o.permute(2, 0, 1, 3).reshape(L, H, D).to(q.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of a ragged batch of new queries (q [T, H, D]) against each sequence's paged context."""
+    BS = k_cache.shape[1]
+    out = torch.empty_like(q)
+    cu, tables = cu_seqlens_q.tolist(), block_tables.tolist()
+    for b, n in enumerate(context_lens.tolist()):
+        start, end = cu[b], cu[b + 1]
+        L = end - start
+        blocks = tables[b][: -(-n // BS)]
+        k, v = _context(k_cache, blocks, n), _context(v_cache, blocks, n)
+        mask, causal = None, L == n and sliding_window is None
+        if not causal:  # query i sits at position n - L + i and sees keys j with p - window < j <= p
+            q_pos = torch.arange(n - L, n, device=q.device)[:, None]
+            k_pos = torch.arange(n, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
+        out[start:end] = _attend(q[start:end], k, v, scale, mask, causal, softcap)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """One new query per sequence (q [B, H, D]): it sees the last min(n, window) tokens, so no mask is needed, and
+    a window only narrows the view."""
+    BS = k_cache.shape[1]
+    out = torch.empty_like(q)
+    tables = block_tables.tolist()
+    for b, n in enumerate(context_lens.tolist()):
+        first = 0 if sliding_window is None else max(0, n - sliding_window)
+        blocks = tables[b][first // BS: -(-n // BS)]
+        skip = first - first // BS * BS  # tokens of the first block before the window
+        k = _context(k_cache, blocks, n - first + skip)[skip:]
+        v = _context(v_cache, blocks, n - first + skip)[skip:]
+        out[b: b + 1] = _attend(q[b: b + 1], k, v, scale, None, False, softcap)
+    return out
