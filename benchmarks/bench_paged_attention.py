@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from conftest import is_quick, measure, timed
 
-from mistralrs.kernels import paged_attention as triton_ops
+from mistralrs.kernels import attention as triton_ops
 from mistralrs.kernels import reference
 
 BS = 16

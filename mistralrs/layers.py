@@ -154,7 +154,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        attend = kernels.decode_attention if meta.is_decode else kernels.prefill_attention
+        attend = kernels.paged_decode_attention if meta.is_decode else kernels.paged_attention
         o = attend(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
                    self.scale, self.sliding_window, self.softcap)
         return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))

@@ -8,55 +8,58 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from mistralrs import kernels
-from mistralrs.kernels import paged_attention, quant_matmul, reference, xlora_mix
+from mistralrs.kernels import attention, attention_cpu, gguf, gguf_cpu, reference, xlora
 
 
 class CudaTensor:  # all the dispatch reads of a tensor is its device
     is_cuda = True
+    device = torch.device("cuda")
 
 
 CPU = torch.zeros(1)
-# op -> (its arguments given the first tensor, the reference function, the Triton module and function)
+ATTENTION_ARGS = lambda x: (x, x, x, x, x, x, 1.0)  # noqa: E731
+# op -> (its arguments given the first tensor, {implementation: module}); an op without a CPU kernel uses the
+# reference for CPU tensors under "auto"
 OPS = {
-    "store_kv": (lambda x: (x, x, x, x, x), (reference, "store_kv"), (paged_attention, "store_kv")),
-    "prefill_attention": (lambda x: (x, x, x, x, x, x, 1.0), (reference, "paged_attention"),
-                          (paged_attention, "paged_attention")),
-    "decode_attention": (lambda x: (x, x, x, x, x, x, 1.0), (reference, "paged_attention"),
-                         (paged_attention, "paged_decode_attention")),
-    "gguf_matmul": (lambda x: (x, x, Q.Q4_0, 8, 32), (reference, "quant_matmul"), (quant_matmul, "quant_matmul")),
-    "xlora_delta": (lambda x: (x, x, x, x, x), (reference, "xlora_mix"), (xlora_mix, "xlora_mix")),
+    "store_kv": (lambda x: (x, x, x, x, x),
+                 {"reference": reference, "cpu": attention_cpu, "triton": attention}),
+    "paged_attention": (ATTENTION_ARGS, {"reference": reference, "cpu": attention_cpu, "triton": attention}),
+    "paged_decode_attention": (ATTENTION_ARGS, {"reference": reference, "cpu": attention_cpu, "triton": attention}),
+    "gguf_matmul": (lambda x: (x, x, Q.Q4_0, 8, 32), {"reference": reference, "cpu": gguf_cpu, "triton": gguf}),
+    "xlora_mix": (lambda x: (x, x, x, x, x), {"reference": reference, "triton": xlora}),
 }
 # (BACKEND, device) -> which implementation runs
-EXPECTED = {("auto", "cpu"): "reference", ("auto", "cuda"): "triton", ("triton", "cpu"): "triton",
+EXPECTED = {("auto", "cpu"): "cpu", ("auto", "cuda"): "triton", ("triton", "cpu"): "triton",
             ("triton", "cuda"): "triton", ("reference", "cpu"): "reference", ("reference", "cuda"): "reference"}
 
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Every reference and Triton implementation replaced by one that records ("reference" | "triton", name)."""
+    """Every implementation of every op replaced by one that records (implementation, op name)."""
     made = []
-    for _, ref, tri in OPS.values():
-        for kind, (module, name) in (("reference", ref), ("triton", tri)):
-            monkeypatch.setattr(module, name, lambda *a, _k=kind, _n=name, **kw: made.append((_k, _n)))
+    for op, (_, impls) in OPS.items():
+        for kind, module in impls.items():
+            monkeypatch.setattr(module, op, lambda *a, _k=kind, _n=op, **kw: made.append((_k, _n)))
     return made
 
 
 @pytest.mark.parametrize("backend, device", list(EXPECTED))
 @pytest.mark.parametrize("op", OPS)
 def test_backend_and_device_pick_the_implementation(monkeypatch, calls, op, backend, device):
-    args, ref, tri = OPS[op]
+    args, impls = OPS[op]
     monkeypatch.setattr(kernels, "BACKEND", backend)
     getattr(kernels, op)(*args(CudaTensor() if device == "cuda" else CPU))
     kind = EXPECTED[backend, device]
-    assert calls == [(kind, (ref if kind == "reference" else tri)[1])]
+    assert calls == [(kind if kind in impls else "reference", op)]
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_gguf_types_without_a_triton_kernel_use_the_reference(monkeypatch, calls, backend):
+def test_gguf_types_without_a_kernel_use_the_reference(monkeypatch, calls, backend):
     monkeypatch.setattr(kernels, "BACKEND", backend)
-    assert Q.Q2_K not in quant_matmul.SUPPORTED
+    assert Q.Q2_K not in gguf.SUPPORTED and Q.Q2_K not in gguf_cpu.SUPPORTED
     kernels.gguf_matmul(CudaTensor(), None, Q.Q2_K, 8, 256)
-    assert calls == [("reference", "quant_matmul")]
+    kernels.gguf_matmul(CPU, None, Q.Q2_K, 8, 256)
+    assert calls == [("reference", "gguf_matmul")] * 2
 
 
 def import_kernels_with(monkeypatch, value: str | None):

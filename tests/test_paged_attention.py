@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mistralrs import kernels
+from mistralrs.kernels import attention as triton_ops
 from mistralrs.kernels import attention_cpu, reference
-from mistralrs.kernels import paged_attention as triton_ops
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -161,8 +161,8 @@ def test_cpu_dispatch(monkeypatch, backend, impl):
     for op in ("paged_attention", "paged_decode_attention"):
         monkeypatch.setattr(impl, op, lambda *a, op=op: calls.append(op))
     monkeypatch.setattr(kernels, "BACKEND", backend)
-    kernels.prefill_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
-    kernels.decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    kernels.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
+    kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     assert calls == ["paged_attention", "paged_decode_attention"]
 
 

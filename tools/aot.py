@@ -8,7 +8,7 @@
 As a library:
 
     with aot.capture(sms=132) as launches:           # the real launcher, on meta tensors: nothing runs
-        kernels = aot.kernel_module("paged_attention")
+        kernels = aot.kernel_module("attention")
         kernels.paged_decode_attention(q, k_cache, ...)
     for launch in launches:
         key = aot.specialization_key(launch)          # what Triton's JIT cache keys the compile on
@@ -42,7 +42,7 @@ import torch
 import triton
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "mistralrs" / "kernels"
-KERNEL_MODULES = ("paged_attention", "quant_matmul", "xlora_mix")  # the files under KERNELS_DIR with @triton.jit
+KERNEL_MODULES = ("attention", "gguf", "xlora")  # the files under KERNELS_DIR with @triton.jit
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ def _t(*shape, dtype=torch.int32):
 def attention(dtype, H, KVH, D, BS, *, B=1, N=4096, L=None, window=None, softcap=None):
     """paged_decode_attention (L None) or paged_attention (prefill of L tokens) on meta tensors."""
     def run():
-        pa = kernel_module("paged_attention")
+        pa = kernel_module("attention")
         pages = triton.cdiv(N, BS)
         k_cache = _t(B * pages, BS, KVH, D, dtype=dtype)
         tables, lens, cu = _t(B, pages), _t(B), _t(B + 1)
@@ -304,7 +304,7 @@ def attention(dtype, H, KVH, D, BS, *, B=1, N=4096, L=None, window=None, softcap
 
 def store_kv(dtype, KVH, D, BS, T):
     def run():
-        pa = kernel_module("paged_attention")
+        pa = kernel_module("attention")
         k, k_cache = _t(T, KVH, D, dtype=dtype), _t(4096, BS, KVH, D, dtype=dtype)
         pa.store_kv(k, k, k_cache, k_cache, _t(T, dtype=torch.int64))
     return run
@@ -373,7 +373,7 @@ def decode_trace(B: int, sms: int, *, H=32, KVH=8, D=128, BS=16, max_context=819
     """Distinct compiles (specialization keys per kernel) of B sequences decoding together from 1 to max_context
     tokens: every step stores B new tokens and attends over block tables one page wider every BS tokens (the only
     launch argument the context changes; the cache pool is allocated once)."""
-    pa = kernel_module("paged_attention")
+    pa = kernel_module("attention")
     k_cache = _t(B * triton.cdiv(max_context, BS), BS, KVH, D, dtype=dtype)
     keys: dict[str, set] = {}
     for width in range(1, triton.cdiv(max_context, BS) + 1):

@@ -8,9 +8,8 @@ Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)
 
-The attention implementations (reference.py, attention_cpu.py, the Triton paged_attention.py) name their ops
-paged_attention and paged_decode_attention; here they are prefill_attention and decode_attention, since a function
-named paged_attention would be replaced by the submodule of that name once it is imported.
+Kernel files are named by family (attention.py, gguf.py, xlora.py), never by op: importing a submodule sets it as an
+attribute of this package, which would replace a dispatch function of the same name.
 """
 import os
 
@@ -28,8 +27,8 @@ def _use_triton(x) -> bool:
 
 def _attention(x):
     if _use_triton(x):
-        from . import paged_attention  # imported on first use: CPU-only users never load triton
-        return paged_attention
+        from . import attention  # imported on first use: CPU-only users never load triton
+        return attention
     return reference if BACKEND == "reference" else attention_cpu
 
 
@@ -37,13 +36,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     return _attention(k).store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
-def prefill_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
                       softcap=None):
     return _attention(q).paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
                                          sliding_window, softcap)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window=None,
                      softcap=None):
     """One new token per sequence: Triton uses split-K flash-decoding here."""
     return _attention(q).paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
@@ -74,4 +73,4 @@ def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
     return reference.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
 
 
-__all__ = ["store_kv", "prefill_attention", "decode_attention", "gguf_matmul", "xlora_mix", "BACKEND", "BACKENDS"]
+__all__ = ["store_kv", "paged_attention", "paged_decode_attention", "gguf_matmul", "xlora_mix", "BACKEND", "BACKENDS"]
