@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_cpu_real.py                    # the whole run (fetches the models on first use)
     python3 benchmarks/bench_cpu_real.py --ours-tokens 32   # shorter decodes for our engine (a slow baseline)
+    python3 benchmarks/bench_cpu_real.py --render-only      # rewrite cpu_real.md / .png from cpu_real.json
     python3 -m pytest benchmarks/bench_cpu_real.py --runslow -s   # the same run as a slow test (defaults only)
 
 Weights (tools/real_models.py): the shipped Q4_1 GGUF, llama.cpp's Q8_0 / Q4_0 / Q4_K_M requantized copies, and
@@ -265,6 +266,10 @@ def write_table(out: Path, meta: dict, rows: list[dict], conc: dict) -> None:
              "| weights | threads | MB/token | ours tok/s | ours TTFT | llama.cpp tok/s | llama.cpp TTFT | "
              "transformers tok/s | transformers TTFT | ours GB/s (of copy) | llama.cpp GB/s (of copy) | "
              "ours / llama.cpp |", "| --- " * 12 + "|"]
+    if max(meta["loadavg_before"] + meta["loadavg_after"]) > meta["physical_cores"]:
+        lines[-2:-2] = ["**The machine was busy** (load average above its core count): other processes shared the "
+                        "cores, so every figure here, the copy bandwidth included, is lower and noisier than on an "
+                        "idle machine.", ""]
     for r in rows:
         def cell(name, key, fmt):
             return fmt.format(r[name][key]) if name in r else ""
@@ -319,6 +324,7 @@ def parse(argv):
     ap.add_argument("--threads", type=int, default=physical_cores(), help="threads of the main rows")
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
     ap.add_argument("--out", type=Path, help="default: benchmarks/results/cpu-<N>cores")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the table and plot from the cpu_real.json")
     a = ap.parse_args(argv)
     a.formats = a.formats.split(",")
     if bad := [f for f in a.formats if f not in FORMATS]:
@@ -329,6 +335,10 @@ def parse(argv):
 def main(argv=None) -> Path:
     a = parse(argv)
     from conftest import device_name
+    if a.render_only:
+        out = a.out or ROOT / "benchmarks" / "results" / device_name(torch.device("cpu"))
+        data = json.loads((out / "cpu_real.json").read_text())
+        return render(out, data["meta"], data["rows"], data["concurrent"])
     started, load_before = time.perf_counter(), os.getloadavg()
     rm = real_models()
     files = {"hf-f32": rm.smollm2_hf_f32(), "Q4_1": rm.smollm2_q4_1(), "F32": rm.smollm2_f32(),
@@ -350,6 +360,10 @@ def main(argv=None) -> Path:
     out = a.out or ROOT / "benchmarks" / "results" / meta["device"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_real.json").write_text(json.dumps(dict(meta=meta, rows=rows, concurrent=conc), indent=1))
+    return render(out, meta, rows, conc)
+
+
+def render(out: Path, meta: dict, rows: list[dict], conc: dict | None) -> Path:
     write_table(out, meta, rows, conc)
     plot(out / "cpu_real.png", rows, conc)
     print((out / "cpu_real.md").read_text())

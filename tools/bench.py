@@ -71,6 +71,8 @@ def render(out: Path) -> None:
     if str(first.get("device", "")).startswith("cpu"):
         lines += ["On a CPU the Triton kernels run in the interpreter at tiny sizes: their rows prove the suite runs "
                   "and say nothing of speed. The end-to-end rows (reference ops on CPU) are real measurements.", ""]
+    if (out / "cpu_real.md").is_file():  # written by benchmarks/bench_cpu_real.py, not by this suite
+        lines += ["Real models (SmolLM2-135M, ours vs llama.cpp vs transformers): [cpu_real.md](cpu_real.md).", ""]
     for module, rows in by_module.items():
         lines += [f"## {module}", "", "| case | headline | fraction of limit | vs peer | median time |",
                   "| --- | --- | --- | --- | --- |"]

