@@ -1,4 +1,4 @@
-"""The engine's output side: a sampled token becomes text, meets the stop checks, and leaves as OpenAI JSON.
+"""The engine's output side: a sampled token becomes text, meets the stop checks, and leaves in an OpenAI body.
 
 advance(seq, token): the token joins the sequence; EOS, stop tokens, the grammar's end, the length limit and stop
 strings decide whether it finishes. chunk(seq): a stream's next chunk, holding back text that may still turn into a
