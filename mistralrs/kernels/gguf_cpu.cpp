@@ -231,6 +231,10 @@ void dot_q8(const uint8_t* w, const XBlock* const* x, int64_t K, float* out) {
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + offset[r];
 }
 
+// Rows of W ahead of the one being read to prefetch: the hardware prefetcher alone left a SmolLM2 decode step's
+// weight stream at 0.7x the speed (measured with 0, 2, 4, 8 and 16 rows ahead: 4 and more are alike).
+constexpr int64_t kPrefetchRows = 4;
+
 // y[m, n] for n in [n0, n1) and all M rows: each row of W against up to R rows of x at a time;
 // dot(std::integral_constant<int, rows>, m, w_n, out) computes out[r] = x[m + r] . w_n.
 template <int R, class Dot>
@@ -238,6 +242,9 @@ void gemv_rows(Dot&& dot, const uint8_t* w, int64_t row_bytes, float* y, int64_t
                int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * row_bytes;
+    if (n + kPrefetchRows < n1)
+      for (int64_t b = 0; b < row_bytes; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wn + kPrefetchRows * row_bytes + b), _MM_HINT_T0);
     int64_t m = 0;
     auto tile = [&](auto rows) {
       float out[rows];

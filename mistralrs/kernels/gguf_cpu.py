@@ -46,8 +46,8 @@ def _load():
         import ninja
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     # A cached build loads in well under a second; only a real build (about a minute) says so, while it runs.
-    note = threading.Timer(2.0, log.warning, ["mistralrs: building the CPU GGUF kernel (kernels/gguf_cpu.cpp, once; "
-                                              "cached in the torch extensions directory)..."])
+    note = threading.Timer(5.0, log.warning, ["mistralrs: building (or checking) the CPU GGUF kernel, kernels/gguf_cpu.cpp: "
+                                              "a first build takes about a minute, then it is cached..."])
     note.start()
     try:
         ext = load("mistralrs_gguf_cpu", [str(SOURCE)], extra_cflags=CFLAGS)
