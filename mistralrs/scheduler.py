@@ -61,10 +61,10 @@ class Scheduler:
         if self.no_kv_cache:
             for seq in self.running:
                 self._release(seq)
-        blocks, decodes, too_long = self.blocks, [], []
-        for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted below to make room for an older sequence
+        blocks, decodes, too_long, i = self.blocks, [], [], 0
+        while i < len(self.running):  # not a for loop: preemption below shortens `running` from the back
+            seq = self.running[i]
+            i += 1
             need = blocks.blocks_needed(seq, len(seq.tokens))
             # Victims come from the back of `running`, which this loop has not reached yet.
             while need > blocks.num_free and self.running[-1] is not seq:
@@ -75,7 +75,8 @@ class Scheduler:
             if need > blocks.num_free:  # alone in the cache and still out of room
                 too_long.append(seq)
                 continue
-            blocks.grow(seq, len(seq.tokens))
+            if need:
+                blocks.grow(seq, len(seq.tokens))
             decodes.append(seq)
 
         prefills, budget = [], self.max_prefill_tokens
