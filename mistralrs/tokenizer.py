@@ -6,7 +6,7 @@ from tokenizers import Tokenizer
 
 from . import hub
 from .config import read_json
-from .gguf_tokenizer import tokenizer_from_gguf
+from .gguf_tokenizer import config_from_vocab, read_vocab, tokenizer_from_gguf
 
 
 def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dict]:
@@ -37,8 +37,12 @@ def quantized_tokenizer(qfile, model_id: str | None, tokenizer_json: str | None,
     if path is None and not has_vocab:
         raise FileNotFoundError(f"{qfile.path} carries no tokenizer (tokenizer.ggml.*) and none was given: pass "
                                 f"model_id (a repo with tokenizer.json) or tokenizer_json")
-    file_tok, file_cfg = tokenizer_from_gguf(qfile.metadata, qfile.path) if has_vocab else (None, {})
-    tokenizer = tokenizer_from_file(path) if path is not None else file_tok
+    if path is None:
+        tokenizer, file_cfg = tokenizer_from_gguf(qfile.metadata, qfile.path)
+    else:  # the file's vocabulary still names its special tokens, whatever its pre-tokenizer
+        tokenizer, file_cfg = tokenizer_from_file(path), {}
+        if has_vocab and qfile.metadata.get("tokenizer.ggml.model") in ("llama", "gpt2"):
+            file_cfg = config_from_vocab(read_vocab(qfile.metadata, qfile.path), qfile.metadata)
     return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg
 
 

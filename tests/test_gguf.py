@@ -230,6 +230,18 @@ def test_tokenizer_from_model_id(tiny_models, gguf_file, tmp_path):
         assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(repo / "tokenizer.json")).to_str()
 
 
+def test_unknown_pre_tokenizer(tiny_models, gguf_file, tmp_path):
+    """A `tokenizer.ggml.pre` llama.cpp's table lacks is an error naming it; an explicit tokenizer_json still loads."""
+    path = rewrite(gguf_file("llama"), tmp_path / "pre.gguf",
+                   edit=lambda k, v: "no-such-pre" if k == "tokenizer.ggml.pre" else v)
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre 'no-such-pre' .*supported: .*llama-bpe.*smollm"):
+        load_gguf("llama", path).close()
+    tokenizer_json = tiny_models["llama"] / "tokenizer.json"
+    with load_gguf("llama", path, tokenizer_json=str(tokenizer_json)) as r:
+        assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(tokenizer_json)).to_str()
+        assert r.pipeline.special_tokens["eos_token"] == "</s>"
+
+
 def test_chat_completion_from_gguf_alone(gguf_file):
     """Tokenizer, chat template and EOS all from the file."""
     with load_gguf("gemma", gguf_file("gemma", "q4_0")) as r:
