@@ -263,6 +263,7 @@ class Vocab:
     add_eos: bool
     pre_type: str | None  # llama.cpp's pre-type of a "gpt2" model; None if the file's `pre` is not in PRE
     pre: str | None
+    eog: set[int]  # the ids that end generation
 
 
 def read_vocab(md, source) -> Vocab:
@@ -286,13 +287,14 @@ def read_vocab(md, source) -> Vocab:
             default = None
         ids[name] = given if isinstance(given, int) and 0 <= given < len(tokens) else default
     _mark_by_text(tokens, types, ids)
+    eog = _end_of_generation(tokens, types, ids)
     add_bos = bool(_get(md, "add_bos_token", kind == "llama" or pre_type in ADD_BOS))
     add_eos = bool(_get(md, "add_eos_token", False))
     for flag, name in ((add_bos, "bos"), (add_eos, "eos")):
         if flag and ids[name] is None:
             raise ValueError(f"{source}: tokenizer.ggml.add_{name}_token is true, but tokenizer.ggml.{name}_token_id "
                              f"is not set")
-    return Vocab(kind, tokens, types, ids, add_bos, add_eos, pre_type, pre)
+    return Vocab(kind, tokens, types, ids, add_bos, add_eos, pre_type, pre, eog)
 
 
 def _mark_by_text(tokens: list[str], types: list[int], ids: dict) -> None:
@@ -314,6 +316,25 @@ def _mark_by_text(tokens: list[str], types: list[int], ids: dict) -> None:
     for t in ALWAYS_RENDERED:
         if t in index:
             types[index[t]] = USER_DEFINED
+
+
+def _end_of_generation(tokens: list[str], types: list[int], ids: dict) -> set[int]:
+    """llama.cpp's special_eog_ids: the FIM pad/repo/separator tokens, every token with an end-of-generation text,
+    and the eos, eot and eom ids. gpt-oss and Solar Open end a message with <|end|> and the generation with
+    <|return|> or <|call|>, so there <|end|> does not end it (and becomes user-defined); beside Gemma 4's
+    <|tool_response>, </s> is an ordinary token."""
+    index = _vocab_ids(tokens)
+    eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep", "eos", "eot", "eom") if ids[k] is not None}
+    eog |= {index[t] for t in EOG_TEXTS if t in index}
+    texts = {tokens[i] for i in eog}
+    call = bool(texts & {"<|call|>", "<|calls|>"})
+    if "<|end|>" in texts and call and ("<|return|>" in texts or "<|flush|>" in texts):
+        eog.discard(index["<|end|>"])
+        types[index["<|end|>"]] = USER_DEFINED
+    if "<|tool_response>" in texts and "</s>" in texts:
+        eog.discard(index["</s>"])
+        types[index["</s>"]] = NORMAL
+    return eog
 
 
 def _vocab_ids(tokens: list[str]) -> dict[str, int]:
@@ -359,9 +380,10 @@ def _bpe(md, v: Vocab) -> Tokenizer:
     return tok
 
 
-def tokenizer_from_gguf(md, source) -> tuple[Tokenizer, dict]:
-    """The tokenizer, and what tokenizer_config.json would say: bos/eos/unk tokens, chat_template, add_bos_token."""
-    v = read_vocab(md, source)
+def tokenizer_from_gguf(md, source, v: Vocab | None = None) -> tuple[Tokenizer, dict]:
+    """The tokenizer, and what tokenizer_config.json would say: bos/eos/unk tokens, chat_template, add_bos_token.
+    `v` is read_vocab(md, source) when the caller has it."""
+    v = v or read_vocab(md, source)
     try:
         tok = _spm(md, v) if v.kind == "llama" else _bpe(md, v)
     except ValueError as e:

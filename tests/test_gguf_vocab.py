@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from mistralrs.gguf_file import read_gguf
-from mistralrs.gguf_tokenizer import ADD_BOS, IGNORE_MERGES, PRE, SPLITS, tokenizer_from_gguf
+from mistralrs.gguf_tokenizer import ADD_BOS, IGNORE_MERGES, PRE, SPLITS, read_vocab, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -192,3 +192,37 @@ def test_real_model_files_match_llama_cpp(name):
         bad = compare(path, CORPUS, add_special=add_special)
         print(f"{path.name} add_special={add_special}: {len(CORPUS) - len(bad)}/{len(CORPUS)} identical")
         assert not bad, f"{len(bad)} of {len(CORPUS)} differ, e.g. {bad[:3]}"
+
+
+def llama_cpp_eog(path: Path) -> set[int]:
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab = llm._model.vocab
+    return {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)}
+
+
+EOG_CASES = {
+    "chatml": (["<|im_start|>", "<|im_end|>", "<|endoftext|>"], {"eos_token_id": 2}),
+    "llama3 with eot id": (["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"],
+                           {"bos_token_id": 0, "eos_token_id": 1, "eot_token_id": 2}),
+    "eos default 11": (["<|endoftext|>", "<end_of_turn>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"], {}),
+    "gpt-oss": (["<|return|>", "<|call|>", "<|end|>", "<|start|>", "<|channel|>"], {"eos_token_id": 0}),
+    "solar-open": (["<|calls|>", "<|flush|>", "<|end|>"], {"eos_token_id": 1}),
+    "gemma4 </s>": (["<eos>", "</s>", "<|tool_response>", "<turn|>"], {"eos_token_id": 0}),
+    "deepseek": (["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜fim▁begin｜>"], {"eos_token_id": 1}),
+    "normal-typed markers": (["[EOT]", "[EOS]", "<EOT>", "<end_of_utterance>", "[e~["], {"eos_token_id": 1}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EOG_CASES))
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_end_of_generation_ids_match_llama_cpp(case, model, tmp_path):
+    """The ids llama.cpp stops on (llama_vocab_is_eog), from the token texts, the id keys and its defaults."""
+    specials, ids = EOG_CASES[case]
+    filler = [chr(c) for c in range(0x21, 0x7F)] + [f"w{i}" for i in range(20)]
+    tokens = specials + filler
+    # the markers of the last case are written as normal tokens: llama.cpp goes by their text
+    types = [1 if case.startswith("normal") else 3] * len(specials) + [1] * len(filler)
+    extra = {"pre": "gpt-2", "merges": ["w 0"]} if model == "gpt2" else {"scores": [-float(i) for i in range(len(tokens))]}
+    path = write_vocab(tmp_path / "eog.gguf", model, tokens, types, **extra, **ids)
+    expected = llama_cpp_eog(path)
+    assert read_vocab(read_gguf(path).metadata, path).eog == expected, [tokens[i] for i in expected]
