@@ -222,7 +222,8 @@ def test_end_of_generation_ids_match_llama_cpp(case, model, tmp_path):
     tokens = specials + filler
     # the markers of the last case are written as normal tokens: llama.cpp goes by their text
     types = [1 if case.startswith("normal") else 3] * len(specials) + [1] * len(filler)
-    extra = {"pre": "gpt-2", "merges": ["w 0"]} if model == "gpt2" else {"scores": [-float(i) for i in range(len(tokens))]}
+    extra = ({"pre": "gpt-2", "merges": ["w 0"]} if model == "gpt2"
+             else {"scores": [-float(i) for i in range(len(tokens))]})
     path = write_vocab(tmp_path / "eog.gguf", model, tokens, types, **extra, **ids)
     expected = llama_cpp_eog(path)
     assert read_vocab(read_gguf(path).metadata, path).eog == expected, [tokens[i] for i in expected]
