@@ -129,10 +129,8 @@ class ArchLoader:
     def _quantized(self, token, revision, quantized_revision, dtype, device) -> "Loaded":
         o = self.options
         model, args, qfile = self._quantized_base(token, quantized_revision, dtype, device)
-        tokenizer, tok_cfg, gen_cfg = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
-        md = qfile.metadata
-        cfg = {"eos_token_id": [md[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-                                if isinstance(md.get(k), int)]}
+        tokenizer, tok_cfg, gen_cfg, eog = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
+        cfg = {"eos_token_id": sorted(eog)}  # llama.cpp's end-of-generation set stands in for config.json's
         return Loaded(o.model_id or o.quantized_filename, model, args, tokenizer, tok_cfg, (cfg, gen_cfg))
 
     def _maybe_xlora(self, model, args, token, xlora_revision, dtype, device):

@@ -1,12 +1,13 @@
 """A model's tokenizer and its stop ids: tokenizer.json (from the repo or the tokenizer_json override) or, for a
-GGUF/GGML file without one, the file's own tokenizer.ggml.* vocabulary; EOS ids from every config file together."""
+GGUF/GGML file without one, the file's own tokenizer.ggml.* vocabulary; EOS ids from every config file together
+(for GGUF/GGML files, llama.cpp's end-of-generation set in place of config.json's)."""
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from . import hub
 from .config import read_json
-from .gguf_tokenizer import tokenizer_from_gguf
+from .gguf_tokenizer import config_from_vocab, read_vocab, tokenizer_from_gguf
 
 
 def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dict]:
@@ -17,10 +18,11 @@ def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dic
 
 
 def quantized_tokenizer(qfile, model_id: str | None, tokenizer_json: str | None, revision,
-                        token) -> tuple[Tokenizer, dict, dict]:
-    """Tokenizer, tokenizer_config and generation_config of a GGUF/GGML model: tokenizer_json, else model_id's
-    tokenizer.json, else the file's own tokenizer.ggml.* metadata. model_id's tokenizer_config.json (chat template,
-    special tokens) wins over the file's; no config.json is read."""
+                        token) -> tuple[Tokenizer, dict, dict, set[int]]:
+    """Tokenizer, tokenizer_config, generation_config and end-of-generation ids of a GGUF/GGML model: the tokenizer
+    is tokenizer_json, else model_id's tokenizer.json, else the file's own tokenizer.ggml.* metadata. model_id's
+    tokenizer_config.json (chat template, special tokens) wins over the file's; no config.json is read. The
+    end-of-generation ids are llama.cpp's, from the file's vocabulary whichever tokenizer is used."""
     kw = dict(revision=revision, token=token)
     path, tok_cfg, gen_cfg = None, {}, {}
     if tokenizer_json is not None:
@@ -33,13 +35,17 @@ def quantized_tokenizer(qfile, model_id: str | None, tokenizer_json: str | None,
             tok_cfg = read_json(p)
         if p := hub.optional_repo_file(model_id, "generation_config.json", **kw):
             gen_cfg = read_json(p)
-    has_vocab = bool(qfile.metadata.get("tokenizer.ggml.tokens"))
+    md = qfile.metadata
+    has_vocab = bool(md.get("tokenizer.ggml.tokens"))
     if path is None and not has_vocab:
         raise FileNotFoundError(f"{qfile.path} carries no tokenizer (tokenizer.ggml.*) and none was given: pass "
                                 f"model_id (a repo with tokenizer.json) or tokenizer_json")
-    file_tok, file_cfg = tokenizer_from_gguf(qfile.metadata, qfile.path) if has_vocab else (None, {})
-    tokenizer = tokenizer_from_file(path) if path is not None else file_tok
-    return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg
+    vocab = read_vocab(md, qfile.path) if has_vocab and md.get("tokenizer.ggml.model") in ("llama", "gpt2") else None
+    if path is None:
+        tokenizer, file_cfg = tokenizer_from_gguf(md, qfile.path, vocab)
+    else:  # the file's vocabulary still names its special tokens, whatever its pre-tokenizer
+        tokenizer, file_cfg = tokenizer_from_file(path), config_from_vocab(vocab, md) if vocab else {}
+    return tokenizer, {**file_cfg, **tok_cfg}, gen_cfg, vocab.eog if vocab else set()
 
 
 def tokenizer_from_file(path: Path) -> Tokenizer:
@@ -50,7 +56,8 @@ def tokenizer_from_file(path: Path) -> Tokenizer:
 
 
 def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
-    """EOS from generation_config.json, config.json and tokenizer_config.json together."""
+    """EOS from generation_config.json (an id or a list), config.json and tokenizer_config.json together; for a
+    GGUF/GGML file `cfg` holds llama.cpp's end-of-generation set of the file instead of config.json's."""
     ids = set()
     for value in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])

@@ -174,6 +174,30 @@ def test_tokenizer_from_model_id(tiny_models, gguf_file, tmp_path):
         assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(repo / "tokenizer.json")).to_str()
 
 
+def test_unknown_pre_tokenizer(tiny_models, gguf_file, tmp_path):
+    """A `tokenizer.ggml.pre` llama.cpp's table lacks is an error naming it; an explicit tokenizer_json still loads."""
+    path = rewrite(gguf_file("llama"), tmp_path / "pre.gguf",
+                   edit=lambda k, v: "no-such-pre" if k == "tokenizer.ggml.pre" else v)
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre 'no-such-pre' .*supported: .*llama-bpe.*smollm"):
+        load_gguf("llama", path).close()
+    tokenizer_json = tiny_models["llama"] / "tokenizer.json"
+    with load_gguf("llama", path, tokenizer_json=str(tokenizer_json)) as r:
+        assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(tokenizer_json)).to_str()
+        assert r.pipeline.special_tokens["eos_token"] == "</s>"
+
+
+def test_end_of_generation_from_the_file(gguf_file, tmp_path):
+    """A turn-end token that is not the file's eos_token_id still ends generation, as in llama.cpp."""
+    md = read_gguf(gguf_file("llama")).metadata
+    tokens = md["tokenizer.ggml.tokens"]
+    in_merges = {t for m in md["tokenizer.ggml.merges"] for t in (*m.split(" "), m.replace(" ", ""))}
+    im_end = max(i for i, t in enumerate(tokens) if t not in in_merges)  # a normal token, renamed
+    path = rewrite(gguf_file("llama"), tmp_path / "chatml.gguf", edit=lambda k, v: [
+        "<|im_end|>" if i == im_end else t for i, t in enumerate(v)] if k == "tokenizer.ggml.tokens" else v)
+    with load_gguf("llama", path) as r:
+        assert r.pipeline.eos_token_ids == {tokens.index("</s>"), im_end}
+
+
 def test_chat_completion_from_gguf_alone(gguf_file):
     """Tokenizer, chat template and EOS all from the file."""
     with load_gguf("gemma", gguf_file("gemma", "q4_0")) as r:
