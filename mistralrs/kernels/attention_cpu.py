@@ -75,13 +75,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One new query per sequence (q [B, H, D]): it sees the last min(n, window) tokens, so no mask is needed, and
     a window only narrows the view."""
     BS = k_cache.shape[1]
-    out = torch.empty_like(q)
-    tables = block_tables.tolist()
-    for b, n in enumerate(context_lens.tolist()):
+    outs = []
+    for b, (blocks, n) in enumerate(zip(block_tables.tolist(), context_lens.tolist())):
         first = 0 if sliding_window is None else max(0, n - sliding_window)
-        blocks = tables[b][first // BS: -(-n // BS)]
-        skip = first - first // BS * BS  # tokens of the first block before the window
+        blocks = blocks[first // BS: -(-n // BS)]
+        skip = first % BS  # tokens of the first block before the window
         k = _context(k_cache, blocks, n - first + skip)[skip:]
         v = _context(v_cache, blocks, n - first + skip)[skip:]
-        out[b: b + 1] = _attend(q[b: b + 1], k, v, scale, None, False, softcap)
-    return out
+        outs.append(_attend(q[b: b + 1], k, v, scale, None, False, softcap))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
