@@ -145,13 +145,37 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.softcap = softcap
+        self.register_buffer("qkv", None, persistent=False)  # [Nq + 2 Nkv, K] once fuse_qkv() has run
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse_qkv(self) -> None:
+        """Store the q, k and v weights as the columns of one contiguous [K, Nq + 2 Nkv] tensor: batch-1 decode then
+        runs one matrix-vector product instead of three (two of them the narrow k/v ones, which MKL reads at half
+        the speed). The three Linears keep their weights, now views of that tensor, so module names, state_dict and
+        weight edits see no change; loaders call this on CPU only (linears.cpu_matvec_layout)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        w_t = torch.cat([p.weight.detach().t() for p in projs], dim=1)  # [K, Nq + 2 Nkv], contiguous
+        b = torch.cat([p.bias.detach() for p in projs]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projs:
+            n = p.out_features
+            p.weight = nn.Parameter(w_t[:, start:start + n].t(), requires_grad=False)
+            if b is not None:
+                p.bias = nn.Parameter(b[start:start + n], requires_grad=False)
+            start += n
+        self.qkv, self.qkv_bias = w_t.t(), b
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(T, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rotary(self.k_proj(x).view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
-        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = F.linear(x, self.qkv, self.qkv_bias).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(T, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
+        k = apply_rotary(k.view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
+        v = v.view(T, self.n_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attend = kernels.paged_decode_attention if meta.is_decode else kernels.paged_attention

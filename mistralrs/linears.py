@@ -7,6 +7,7 @@ from torch import nn
 
 from . import kernels
 from .kernels.dequant import dequantize, row_bytes
+from .layers import Attention
 
 
 class QuantLinear(nn.Module):
@@ -110,19 +111,28 @@ class XLoraLinear(nn.Module):
         return f"index={self.index}, adapters={A}, rank={R}"
 
 
+def _cpu_float32(linear: nn.Module) -> bool:
+    return type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+
+
 def cpu_matvec_layout(model: nn.Module) -> nn.Module:
-    """Store the float32 weight of each CPU nn.Linear with out_features >= in_features as a contiguous [K, N]
-    tensor, seen by the Linear as the usual [N, K] through a transposed view: F.linear then runs x @ W_t, whose
-    matrix-vector product (batch-1 decode) MKL reads at 1.3-2.6x the speed of the [N, K] one at these shapes
-    (q/o, gate/up, lm_head), while narrower outputs (k/v, down) read faster as stored. Values, shapes and ties are
-    unchanged: a weight shared by several modules (lm_head and embed_tokens) stays one tensor, so the embedding
-    reads its rows strided."""
+    """Lay the float32 weights of CPU nn.Linears out for the matrix-vector product of batch-1 decode, which MKL
+    reads fastest from a contiguous [K, N] matrix when N >= K (1.3-2.6x the [N, K] speed at the q/o, gate/up and
+    lm_head shapes) and from [N, K] when N < K (k/v, down):
+
+    - each Attention's q, k and v become the columns of one [K, Nq + 2 Nkv] tensor (Attention.fuse_qkv);
+    - every other Linear with out_features >= in_features stores its weight [K, N], seen as the usual [N, K]
+      through a transposed view, so F.linear runs x @ W_t.
+    Values, shapes and ties are unchanged: a weight shared by several modules (lm_head and embed_tokens) stays one
+    tensor, so the embedding reads its rows strided."""
+    for m in model.modules():
+        if isinstance(m, Attention) and all(_cpu_float32(p) for p in (m.q_proj, m.k_proj, m.v_proj)):
+            m.fuse_qkv()
     moved: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        w = m.weight if isinstance(m, nn.Linear) else None
-        if (w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-                and m.out_features >= m.in_features and id(w) not in moved):
-            moved[id(w)] = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
+        if (_cpu_float32(m) and m.weight.is_contiguous() and m.out_features >= m.in_features
+                and id(m.weight) not in moved):
+            moved[id(m.weight)] = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
     for m in model.modules():
         for name, p in m._parameters.items():
             if p is not None and id(p) in moved:

@@ -38,6 +38,8 @@ def test_profile_reports_engine_phases_and_ops(tmp_path):
                           "--trace", str(trace)], capture_output=True, text=True, timeout=300, cwd=tmp_path).stdout
     assert re.search(r"2 requests, 8 tokens in [\d.]+ s", out)
     assert re.search(r"aten::mm\s+\d+\s+[\d.]+", out)
+    kinds = {k: float(v) for k, v in re.findall(r"^(matmul|attention|glue)\s+([\d.]+)", out, re.M)}
+    assert kinds.keys() == {"matmul", "attention", "glue"} and kinds["matmul"] > 0 and kinds["attention"] > 0
     forward = re.search(r"mistralrs\.forward\s+([\d.]+)\s+([\d.]+)", out)
     assert forward and float(forward.group(1)) > 0
     assert json.loads(trace.read_text())["traceEvents"]

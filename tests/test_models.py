@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import mistralrs
+from mistralrs.layers import Attention
 from mistralrs.model_runner import SeqState
 
 from helpers import (
@@ -35,11 +36,19 @@ def test_logits_match_transformers(tiny_models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cpu_weight_layout(tiny_models, arch):
-    """On CPU, float32 Linears with out_features >= in_features hold a [K, N] tensor seen through a transposed view
-    (test_logits_match_transformers checks the values); narrower ones keep [N, K]; a tied lm_head stays the
-    embedding's own tensor, not a copy."""
+    """On CPU (test_logits_match_transformers checks the values): each attention's q, k, v weights are column blocks
+    of one contiguous [K, Nq + 2 Nkv] tensor; other float32 Linears with out_features >= in_features hold a [K, N]
+    tensor seen through a transposed view, narrower ones keep [N, K]; a tied lm_head stays the embedding's tensor."""
     model = load(tiny_models[arch], arch).pipeline.model_runner.model
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    qkv = {id(p) for a in attn for p in (a.q_proj, a.k_proj, a.v_proj)}
+    for a in attn:
+        assert a.qkv.t().is_contiguous() and a.qkv.shape == (a.q_proj.out_features + 2 * a.k_proj.out_features,
+                                                             a.q_proj.in_features)
+        for p in (a.q_proj, a.k_proj, a.v_proj):
+            assert p.weight.untyped_storage().data_ptr() == a.qkv.untyped_storage().data_ptr()
+            assert p.weight.stride() == (1, a.qkv.shape[0])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in qkv]
     assert {m.out_features >= m.in_features for m in linears} == {True, False}  # both kinds are checked
     for m in linears:
         assert (m.weight.stride() == (1, m.out_features)) == (m.out_features >= m.in_features), m
@@ -48,6 +57,7 @@ def test_cpu_weight_layout(tiny_models, arch):
         assert model.lm_head.weight is model.model.embed_tokens.weight
     fp16 = load(tiny_models[arch], arch, dtype=mistralrs.DType.F16).pipeline.model_runner.model
     assert all(m.weight.is_contiguous() for m in fp16.modules() if isinstance(m, nn.Linear))  # float32 only
+    assert all(m.qkv is None for m in fp16.modules() if isinstance(m, Attention))
 
 
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])

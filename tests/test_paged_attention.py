@@ -140,10 +140,11 @@ def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
     gathered = []
     real = attention_cpu._context
 
-    def spy(cache, blocks, n):
-        out = real(cache, blocks, n)
-        gathered.append(out.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr())
-        return out
+    def spy(k_cache, v_cache, blocks, n):
+        k, v = real(k_cache, v_cache, blocks, n)
+        gathered.extend(t.untyped_storage().data_ptr() != c.untyped_storage().data_ptr()
+                        for t, c in ((k, k_cache), (v, v_cache)))
+        return k, v
     monkeypatch.setattr(attention_cpu, "_context", spy)
     attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     assert gathered == [False, False]

@@ -4,9 +4,12 @@
     python tools/profile_engine.py --model-id mistralai/Mistral-7B-Instruct-v0.2 --arch mistral --requests 16
     python tools/profile_engine.py --trace /tmp/trace.json           # open in chrome://tracing or ui.perfetto.dev
 
-Phases are the engine's record_function ranges: mistralrs.schedule, .forward, .sample, .detokenize.
+Phases are the engine's record_function ranges: mistralrs.schedule, .forward, .sample, .detokenize. The ops are
+also summed by kind: matmul (matrix products), attention (the attention ops and kernels) and glue (everything
+else: norms, rotary, KV-cache writes, activations, copies).
 """
 import argparse
+import re
 import threading
 import time
 from pathlib import Path
@@ -18,6 +21,14 @@ import mistralrs
 from mistralrs.__main__ import ARCHS, DEMO_MODEL
 
 PHASES = ("mistralrs.schedule", "mistralrs.forward", "mistralrs.sample", "mistralrs.detokenize")
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv", "aten::dot"}
+
+
+def kind(op: str) -> str:
+    name = op.lower()
+    if op in MATMUL_OPS or re.search(r"gemm|gemv|matmul|quant_matmul", name):
+        return "matmul"
+    return "attention" if "attention" in name or "flash" in name else "glue"
 
 
 def serve(runner, n: int, max_tokens: int) -> int:
@@ -67,6 +78,12 @@ def main() -> None:
     print(f"{'op / kernel (self ' + ('GPU' if cuda else 'CPU') + ' time)':60} {'calls':>7} {'ms':>9} {'%':>6}")
     for e in kernels[: a.rows]:
         print(f"{e.key[:60]:60} {e.count:7d} {time_of(e) / 1e3:9.2f} {100 * time_of(e) / total:6.1f}")
+    kinds = {"matmul": 0.0, "attention": 0.0, "glue": 0.0}
+    for e in kernels:
+        kinds[kind(e.key)] += time_of(e)
+    print(f"\n{'kind':36} {'ms':>9} {'%':>6} {'ms/token':>9}")
+    for name, t in kinds.items():
+        print(f"{name:36} {t / 1e3:9.2f} {100 * t / total:6.1f} {t / 1e3 / max(tokens, 1):9.3f}")
     phases = {e.key: e.cpu_time_total for e in events if e.key in PHASES}
     step_total = sum(phases.values()) or 1
     print("\nphase (engine thread, wall time)        ms       %")

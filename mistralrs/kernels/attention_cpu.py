@@ -3,7 +3,7 @@ KV heads) on each sequence's context. Same signatures and results as reference.p
 
 Paged KV cache layout as in reference.py: [NB, BS, KVH, D]. A sequence whose blocks are consecutive ids (a sequence
 alone on the cache gets blocks 0, 1, 2, ... from the block manager's free list) is read in place as a strided view of
-the cache; any other is gathered, once per call, by its slots.
+the cache; any other is gathered by its blocks.
 """
 import torch
 import torch.nn.functional as F
@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from .reference import store_kv  # noqa: F401  (writing the new tokens' slots is one index_put either way)
 
 
-def _context(cache: torch.Tensor, blocks: list[int], n: int) -> torch.Tensor:
-    """[n, KVH, D]: a sequence's first n cached tokens, a view when its blocks are consecutive, else a copy."""
-    NB, BS, KVH, D = cache.shape
-    flat = cache.view(NB * BS, KVH, D)
+def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: list[int],
+             n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [n, KVH, D]: a sequence's first n cached tokens, views when its blocks are consecutive, else copies."""
+    NB, BS, KVH, D = k_cache.shape
     if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
-        return flat[blocks[0] * BS: blocks[0] * BS + n]
-    return cache[torch.tensor(blocks, device=cache.device)].view(-1, KVH, D)[:n]
+        start = blocks[0] * BS
+        return (k_cache.view(NB * BS, KVH, D)[start:start + n], v_cache.view(NB * BS, KVH, D)[start:start + n])
+    index = torch.tensor(blocks, device=k_cache.device)
+    return k_cache[index].view(-1, KVH, D)[:n], v_cache[index].view(-1, KVH, D)[:n]
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         start, end = cu[b], cu[b + 1]
         L = end - start
         blocks = tables[b][: -(-n // BS)]
-        k, v = _context(k_cache, blocks, n), _context(v_cache, blocks, n)
+        k, v = _context(k_cache, v_cache, blocks, n)
         mask, causal = None, L == n and sliding_window is None
         if not causal:  # query i sits at position n - L + i and sees keys j with p - window < j <= p
             q_pos = torch.arange(n - L, n, device=q.device)[:, None]
@@ -75,13 +77,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One new query per sequence (q [B, H, D]): it sees the last min(n, window) tokens, so no mask is needed, and
     a window only narrows the view."""
     BS = k_cache.shape[1]
-    out = torch.empty_like(q)
-    tables = block_tables.tolist()
-    for b, n in enumerate(context_lens.tolist()):
+    outs = []
+    for b, (blocks, n) in enumerate(zip(block_tables.tolist(), context_lens.tolist())):
         first = 0 if sliding_window is None else max(0, n - sliding_window)
-        blocks = tables[b][first // BS: -(-n // BS)]
-        skip = first - first // BS * BS  # tokens of the first block before the window
-        k = _context(k_cache, blocks, n - first + skip)[skip:]
-        v = _context(v_cache, blocks, n - first + skip)[skip:]
-        out[b: b + 1] = _attend(q[b: b + 1], k, v, scale, None, False, softcap)
-    return out
+        blocks = blocks[first // BS: -(-n // BS)]
+        skip = first % BS  # tokens of the first block before the window
+        k, v = _context(k_cache, v_cache, blocks, n - first + skip)
+        outs.append(_attend(q[b: b + 1], k[skip:], v[skip:], scale, None, False, softcap))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
