@@ -3,7 +3,7 @@ and the rows per second; the peer is the same arithmetic run row by row (what a 
 import torch
 from conftest import is_quick, timed
 
-from mistralrs.sampling import SamplingParams, sample
+from mistralrs.engine.sampling import SamplingParams, sample
 
 FULL = [(1, 32000), (64, 32000), (256, 128256)]
 QUICK = [(1, 1024), (8, 1024)]

@@ -5,19 +5,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import chat_template, hub
-from .config import read_json
-from .ggml import read_ggml
-from .gguf_file import read_gguf
-from .gguf_model import load_gguf_model
+from .engine.model_runner import ModelRunner
+from .engine.pipeline import Pipeline
 from .linears import cpu_matvec_layout
-from .model_runner import ModelRunner
+from .load import chat_template, hub
+from .load.ggml import read_ggml
+from .load.gguf import read_gguf
+from .load.gguf_model import load_gguf_model
+from .load.safetensors import load_state, read_safetensors
+from .load.tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
+from .model_args import read_json
 from .models import gemma, llama, mistral, mixtral, phi2
-from .pipeline import Pipeline
+from .models.xlora import load_xlora
 from .requests import ModelKind, model_dtype
-from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
-from .weights import load_state, read_safetensors
-from .xlora_model import load_xlora
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192

@@ -12,15 +12,15 @@ import uuid
 
 import torch
 
-from . import chat_template
-from .block_manager import BlockManager
-from .engine import END, STOP, Engine
-from .grammar import GrammarCompiler
-from .output import StopStrings
+from .engine.block_manager import BlockManager
+from .engine.engine import END, STOP, Engine
+from .engine.grammar import GrammarCompiler
+from .engine.output import StopStrings
+from .engine.sampling import SamplingParams
+from .engine.scheduler import Scheduler
+from .engine.sequence import Request, Sequence
+from .load import chat_template
 from .requests import ChatCompletionRequest, CompletionRequest
-from .sampling import SamplingParams
-from .scheduler import Scheduler
-from .sequence import Request, Sequence
 
 log = logging.getLogger("mistralrs")
 TRUNCATE_RESERVE = 10  # completion room kept by truncate_sequence when max_tokens is unset

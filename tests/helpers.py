@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM
 
 import mistralrs
-from mistralrs.block_manager import BlockManager
-from mistralrs.model_runner import SeqState
-from mistralrs.scheduler import Scheduler
+from mistralrs.engine.block_manager import BlockManager
+from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.scheduler import Scheduler
 
 # ---- models ----
 

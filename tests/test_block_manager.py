@@ -1,7 +1,7 @@
 """The block manager alone: which blocks each sequence holds, the free list, the counts. No model, no tensors."""
 import pytest
 
-from mistralrs.block_manager import BlockManager, OutOfBlocks
+from mistralrs.engine.block_manager import BlockManager, OutOfBlocks
 
 
 class Seq:  # the block manager keys tables by object identity; it reads nothing of the sequence

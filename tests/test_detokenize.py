@@ -4,8 +4,8 @@ import random
 import pytest
 from tokenizers import SentencePieceBPETokenizer, Tokenizer
 
-from mistralrs.output import detokenize
-from mistralrs.sequence import Sequence
+from mistralrs.engine.output import detokenize
+from mistralrs.engine.sequence import Sequence
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé wörds: naïve café, 東京 and emoji 🙂!",
         "def f(x):\n    return x ** 2  # squares"] * 20

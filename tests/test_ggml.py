@@ -9,9 +9,9 @@ import torch
 
 import mistralrs
 from mistralrs import QuantizedLoader
-from mistralrs.ggml import read_ggml
-from mistralrs.gguf_model import resident_bytes
-from mistralrs.gguf_tokenizer import tokenizer_from_gguf
+from mistralrs.load.ggml import read_ggml
+from mistralrs.load.gguf_model import resident_bytes
+from mistralrs.load.gguf_tokenizer import tokenizer_from_gguf
 
 import convert_to_gguf as convert
 import write_ggml

@@ -20,10 +20,10 @@ from torch import nn
 import mistralrs
 import mistralrs.kernels as kernels
 from mistralrs import ChatCompletionRequest, QuantizedLoader
-from mistralrs.gguf_file import read_gguf
-from mistralrs.gguf_model import load_gguf_model, resident_bytes
-from mistralrs.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs.linears import QuantEmbedding, QuantLinear
+from mistralrs.load.gguf import read_gguf
+from mistralrs.load.gguf_model import load_gguf_model, resident_bytes
+from mistralrs.load.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs.loader import check_architecture
 
 import convert_to_gguf as convert

@@ -252,9 +252,9 @@ def test_cpu_without_avx2_falls_back_to_the_reference(monkeypatch):
 def test_tied_head_is_the_embedding_bytes(tiny_models, tmp_path):
     """A file without `output` (Gemma here; SmolLM2 too) multiplies by token_embd's bytes: lm_head's QuantLinear and
     the QuantEmbedding hold one tensor, not two copies."""
-    from mistralrs.gguf_file import read_gguf
-    from mistralrs.gguf_model import load_gguf_model
     from mistralrs.linears import QuantEmbedding, QuantLinear
+    from mistralrs.load.gguf import read_gguf
+    from mistralrs.load.gguf_model import load_gguf_model
     from mistralrs.models import gemma
 
     from test_gguf import convert

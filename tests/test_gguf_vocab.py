@@ -11,8 +11,8 @@ import gguf
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from mistralrs.gguf_file import read_gguf
-from mistralrs.gguf_tokenizer import ADD_BOS, IGNORE_MERGES, PRE, SPLITS, read_vocab, tokenizer_from_gguf
+from mistralrs.load.gguf import read_gguf
+from mistralrs.load.gguf_tokenizer import ADD_BOS, IGNORE_MERGES, PRE, SPLITS, read_vocab, tokenizer_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -17,7 +17,7 @@ from mistralrs import hub
 
 from helpers import HF_ENV, commit_hash, make_fake_hub_repo
 
-HUB_PY = Path(__file__).resolve().parent.parent / "mistralrs" / "hub.py"
+HUB_PY = Path(__file__).resolve().parent.parent / "mistralrs" / "load" / "hub.py"
 # The default .gitattributes of a hub repo sends these to LFS; their blobs are named by sha256, the rest by git sha1.
 
 

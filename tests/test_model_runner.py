@@ -2,7 +2,7 @@
 rows step() turns into logits. A stub stands in for the model: its hidden state of a token is its input id."""
 import torch
 
-from mistralrs.model_runner import ModelRunner, SeqState
+from mistralrs.engine.model_runner import ModelRunner, SeqState
 
 BS = 4
 

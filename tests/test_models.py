@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import mistralrs
+from mistralrs.engine.model_runner import SeqState
 from mistralrs.layers import Attention
-from mistralrs.model_runner import SeqState
 
 from helpers import (
     ARCHS,

@@ -9,8 +9,8 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from tokenizers import Tokenizer
 
 import mistralrs
-from mistralrs.output import Output, StopStrings
-from mistralrs.sequence import Request, Sequence
+from mistralrs.engine.output import Output, StopStrings
+from mistralrs.engine.sequence import Request, Sequence
 
 TOKENIZER = Tokenizer.from_file(str(Path(mistralrs.__file__).parent / "data" / "demo-llama" / "tokenizer.json"))
 EOS = 2

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mistralrs.sampling import SamplingParams, apply_penalties, sample, top_k_top_p_mask
+from mistralrs.engine.sampling import SamplingParams, apply_penalties, sample, top_k_top_p_mask
 
 
 def gens(n, seed=0):

@@ -1,8 +1,8 @@
 """The scheduler alone, with sequences that are only token lists and no model: admission, the prefill budget, block
 growth, preemption, too-long sequences and no_kv_cache."""
-from mistralrs.block_manager import BlockManager
-from mistralrs.model_runner import SeqState
-from mistralrs.scheduler import Scheduler
+from mistralrs.engine.block_manager import BlockManager
+from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.scheduler import Scheduler
 
 
 def seq(n_tokens: int) -> SeqState:

@@ -9,7 +9,7 @@ from openai.types import Completion
 
 import mistralrs
 from mistralrs import CompletionRequest
-from mistralrs.model_runner import SeqState
+from mistralrs.engine.model_runner import SeqState
 
 import convert_to_gguf
 import make_tiny_xlora

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mistralrs.block_manager import BlockManager  # noqa: E402
+from mistralrs.engine.block_manager import BlockManager  # noqa: E402
+from mistralrs.engine.model_runner import ModelRunner, SeqState  # noqa: E402
 from mistralrs.linears import QuantLinear  # noqa: E402
-from mistralrs.model_runner import ModelRunner, SeqState  # noqa: E402
 from mistralrs.models import mistral  # noqa: E402
 
 Q4_0 = GGMLQuantizationType.Q4_0

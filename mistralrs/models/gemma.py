@@ -1,8 +1,8 @@
 """Gemma: embeddings scaled by sqrt(hidden), RMSNorm with a (1 + w) weight, GeGLU MLP, explicit head_dim, tied lm_head."""
 from dataclasses import dataclass
 
-from ..config import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields
 from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+from ..model_args import GGUF_BASE_NAMES, GGUF_GATED_MLP_NAMES, ModelArgs, common_gguf_fields, common_hf_fields
 
 MODEL_TYPES = ("gemma",)
 HF_RENAMES: list[tuple[str, str]] = []

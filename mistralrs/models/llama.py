@@ -1,7 +1,8 @@
 """Llama: pre-norm blocks, RMSNorm, rotary (optionally llama3-scaled), GQA attention, SwiGLU MLP."""
 from dataclasses import dataclass
 
-from ..config import (
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+from ..model_args import (
     GGUF_BASE_NAMES,
     GGUF_GATED_MLP_NAMES,
     ModelArgs,
@@ -9,7 +10,6 @@ from ..config import (
     common_hf_fields,
     gguf_no_experts,
 )
-from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("llama",)
 HF_RENAMES: list[tuple[str, str]] = []  # the checkpoint names are ours

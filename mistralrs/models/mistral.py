@@ -1,7 +1,8 @@
 """Mistral: Llama's graph plus sliding-window attention (each token sees the last `sliding_window` positions)."""
 from dataclasses import dataclass
 
-from ..config import (
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+from ..model_args import (
     GGUF_BASE_NAMES,
     GGUF_GATED_MLP_NAMES,
     ModelArgs,
@@ -10,7 +11,6 @@ from ..config import (
     gguf_get,
     gguf_no_experts,
 )
-from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
 
 MODEL_TYPES = ("mistral",)
 HF_RENAMES: list[tuple[str, str]] = []

@@ -1,8 +1,16 @@
 """Mixtral: Mistral's attention with a sparse mixture of SwiGLU experts (top-k routing) in place of the MLP."""
 from dataclasses import dataclass
 
-from ..config import GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get, gguf_require, require
 from ..layers import Attention, CausalLM, PreNormBlock, RMSNorm, Rotary, SparseMoE
+from ..model_args import (
+    GGUF_BASE_NAMES,
+    ModelArgs,
+    common_gguf_fields,
+    common_hf_fields,
+    gguf_get,
+    gguf_require,
+    require,
+)
 
 MODEL_TYPES = ("mixtral",)
 HF_RENAMES = [(".block_sparse_moe.", ".mlp.")]

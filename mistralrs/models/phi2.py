@@ -3,8 +3,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..config import GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get
 from ..layers import Attention, CausalLM, ParallelBlock, Rotary, activation
+from ..model_args import GGUF_BASE_NAMES, ModelArgs, common_gguf_fields, common_hf_fields, gguf_get
 
 MODEL_TYPES = ("phi",)
 HF_RENAMES = [(".self_attn.dense.", ".self_attn.o_proj."), ("model.final_layernorm.", "model.norm.")]

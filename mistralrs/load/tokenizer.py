@@ -5,8 +5,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..model_args import read_json
 from . import hub
-from .config import read_json
 from .gguf_tokenizer import config_from_vocab, read_vocab, tokenizer_from_gguf
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..model_args import read_json
 from . import hub
-from .config import read_json
 
 CLASSIFIER_PREFIX = "internal_xlora_classifier."
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import hub
-from .layers import CausalLM
-from .linears import QuantLinear, XLoraContext, XLoraLinear
-from .weights import rename
-from .xlora import (
+from ..layers import CausalLM
+from ..linears import QuantLinear, XLoraContext, XLoraLinear
+from ..load import hub
+from ..load.safetensors import rename
+from ..load.xlora import (
     CLASSIFIER_PREFIX,
     Adapter,
     Ordering,

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .gguf_file import GGUFFile, RawTensor
-from .kernels.dequant import dequantize
-from .layers import CausalLM
-from .linears import QuantEmbedding, QuantLinear
-from .weights import load_state
+from ..kernels.dequant import dequantize
+from ..layers import CausalLM
+from ..linears import QuantEmbedding, QuantLinear
+from .gguf import GGUFFile, RawTensor
+from .safetensors import load_state
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERT = re.compile(r"\.(\d+)$")

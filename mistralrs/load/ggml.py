@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 
-from .gguf_file import Cursor, GGUFFile, RawTensor, tensor_type
+from ..kernels.dequant import row_bytes
+from .gguf import Cursor, GGUFFile, RawTensor, tensor_type
 from .gguf_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN
-from .kernels.dequant import row_bytes
 
 GGJT_MAGIC = 0x67676A74
 OLDER_MAGICS = {0x67676D6C: "unversioned 'ggml'", 0x67676D66: "'ggmf'"}

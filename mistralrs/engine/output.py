@@ -6,7 +6,7 @@ stop string. response(req): the final response once every sequence of the reques
 """
 import functools
 
-from . import responses
+from .. import responses
 from .sequence import Request, Sequence
 
 

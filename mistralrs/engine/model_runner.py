@@ -6,7 +6,7 @@ from itertools import accumulate
 
 import torch
 
-from .layers import AttentionMetadata, CausalLM
+from ..layers import AttentionMetadata, CausalLM
 
 INT_TYPES = {"q": torch.int64, "i": torch.int32}  # array typecodes: C long long, C int
 

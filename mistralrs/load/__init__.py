@@ -1,0 +1,9 @@
+"""The loading side: files -> a model file's modules and a tokenizer (loader.py drives it).
+
+    hub.py                a local directory, or huggingface_hub's cache and downloads
+    safetensors.py        checkpoints -> state dicts through each model file's rename list
+    gguf.py, ggml.py      GGUF files (bounds-checked, through gguf-py) and legacy GGJT files -> metadata + raw tensors
+    gguf_model.py         raw tensors -> a model, quantized weights kept as their blocks
+    tokenizer.py          tokenizer.json or the GGUF vocabulary (gguf_tokenizer.py), EOS ids; chat_template.py
+    xlora.py              X-LoRA ordering, config, adapter and classifier files
+"""
