@@ -106,7 +106,8 @@ needs_cpu_kernel = pytest.mark.skipif(gguf_cpu.UNAVAILABLE is not None, reason=f
 # (amax / 127): an error of up to amax / 254 per element, ~0.5% of the output's scale whatever the weight type (measured
 # 4-8e-3 over these shapes), so 2e-2 leaves a 2.5x margin. The gemm path dequantizes W exactly and multiplies in f32:
 # 1e-5 (float summation order over K <= 512). The tight check of the gemv is test_gemv_is_int8_rounded_x_exactly.
-CPU_CASES = [(Q.Q4_0, 2e-2), (Q.Q4_1, 2e-2), (Q.Q8_0, 2e-2), (Q.Q4_K, 2e-2), (Q.Q5_K, 2e-2), (Q.Q6_K, 2e-2)]
+CPU_CASES = [(Q.Q4_0, 2e-2), (Q.Q4_1, 2e-2), (Q.Q5_0, 2e-2), (Q.Q5_1, 2e-2), (Q.Q8_0, 2e-2), (Q.Q4_K, 2e-2),
+             (Q.Q5_K, 2e-2), (Q.Q6_K, 2e-2)]
 GEMM_TOL = 1e-5
 BF16_TOL = 8e-3  # the output rounded to bf16 (8 bits): the two sides may land one bf16 step apart
 

@@ -1,7 +1,7 @@
 // CPU GGUF matmul: y[M, N] = x[M, K] @ W[N, K].T with W read straight from its GGUF blocks (AVX2, FMA, F16C).
 // Built by kernels/gguf_cpu.py (torch.utils.cpp_extension.load); the block layouts are in kernels/dequant.py.
 //
-// Every supported type is read as groups of 32 consecutive weights: one block (Q4_0, Q4_1, Q8_0) or one eighth of
+// Every supported type is read as groups of 32 consecutive weights: one block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or one eighth of
 // a 256-weight block (Q4_K, Q5_K, Q6_K). A type's groups() decodes a block into, per group g,
 //     q     32 integers in one register, byte l = weight l of the group (signed for kSigned types, else 0..31)
 //     d_lo  scale of weights 0..15, d_hi of 16..31 (equal except in Q6_K, whose scales cover 16 weights)
@@ -29,7 +29,7 @@
 
 namespace {
 
-enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -44,6 +44,18 @@ inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cas
 inline __m256i nibbles(const uint8_t* p) {
   const __m128i raw = load16(p), m4 = _mm_set1_epi8(15);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), _mm_and_si128(raw, m4));
+}
+
+// Q5_0 / Q5_1: bit l of the 32-bit qh is bit 4 of weight l -> 16 in byte l where set, else 0 (llama.cpp's
+// bytes_from_bits_32: spread each qh byte over 8 bytes, then test one bit per byte).
+inline __m256i fifth_bits(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                        _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(16));
 }
 
 // Q4_K / Q5_K: the 8 six-bit scales and mins packed in 12 bytes (dequant.py's _k_scales).
@@ -71,6 +83,25 @@ struct TQ4_1 {
   template <class F> static void groups(const uint8_t* b, F&& f) {
     const float d = f16(b);
     f(0, nibbles(b + 4), d, d, f16(b + 2));
+  }
+};
+
+struct TQ5_0 {  // d, qh[4], qs[16]: w = d * (q - 16)
+  static constexpr int kQK = 32, kBytes = 22;
+  static constexpr bool kSigned = true, kHasMin = false, kSplit = false;
+  template <class F> static void groups(const uint8_t* b, F&& f) {
+    const float d = f16(b);
+    const __m256i q = _mm256_or_si256(nibbles(b + 6), fifth_bits(b + 2));
+    f(0, _mm256_sub_epi8(q, _mm256_set1_epi8(16)), d, d, 0.f);
+  }
+};
+
+struct TQ5_1 {  // d, m, qh[4], qs[16]: w = d * q + m
+  static constexpr int kQK = 32, kBytes = 24;
+  static constexpr bool kSigned = false, kHasMin = true, kSplit = false;
+  template <class F> static void groups(const uint8_t* b, F&& f) {
+    const float d = f16(b);
+    f(0, _mm256_or_si256(nibbles(b + 8), fifth_bits(b + 4)), d, d, f16(b + 2));
   }
 };
 
@@ -332,6 +363,8 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   switch (qtype) {
     case Q4_0: check(32, 18); run<TQ4_0>(x, w, y, gemm_tile); break;
     case Q4_1: check(32, 20); run<TQ4_1>(x, w, y, gemm_tile); break;
+    case Q5_0: check(32, 22); run<TQ5_0>(x, w, y, gemm_tile); break;
+    case Q5_1: check(32, 24); run<TQ5_1>(x, w, y, gemm_tile); break;
     case Q8_0: check(32, 34); run<TQ8_0>(x, w, y, gemm_tile); break;
     case Q4_K: check(256, 144); run<TQ4_K>(x, w, y, gemm_tile); break;
     case Q5_K: check(256, 176); run<TQ5_K>(x, w, y, gemm_tile); break;

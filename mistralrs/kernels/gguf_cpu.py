@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType
 
 log = logging.getLogger("mistralrs")
 Q = GGMLQuantizationType
-SUPPORTED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+SUPPORTED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Measured on SmolLM2's 1536 x 576 and 576 x 1536 (Zen 2, 1 thread): the int8 gemv takes 0.8x the time of
 # dequantize-a-tile + at::mm at M = 16, about the same at 32, 1.2x at 64 (at::mm's register blocking reuses each
