@@ -228,6 +228,9 @@ def test_tokenizer_from_model_id(tiny_models, gguf_file, tmp_path):
         assert r.pipeline.model_id == str(repo)
         assert r.pipeline.chat_template == "{{ messages[0]['content'] }}!"
         assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(repo / "tokenizer.json")).to_str()
+    (repo / "chat_template.jinja").write_text("{{ messages[0]['content'] }}?")  # as transformers now saves it
+    with load_gguf("llama", gguf_file("llama"), model_id=str(repo)) as r:
+        assert r.pipeline.chat_template == "{{ messages[0]['content'] }}?"
 
 
 def test_unknown_pre_tokenizer(tiny_models, gguf_file, tmp_path):
