@@ -192,6 +192,7 @@ def test_real_model_files_match_llama_cpp(name):
         bad = compare(path, CORPUS, add_special=add_special)
         print(f"{path.name} add_special={add_special}: {len(CORPUS) - len(bad)}/{len(CORPUS)} identical")
         assert not bad, f"{len(bad)} of {len(CORPUS)} differ, e.g. {bad[:3]}"
+    assert read_vocab(read_gguf(path).metadata, path).eog == llama_cpp_eog(path)
 
 
 def llama_cpp_eog(path: Path) -> set[int]:
