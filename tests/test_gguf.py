@@ -172,6 +172,9 @@ def test_tokenizer_from_model_id(tiny_models, gguf_file, tmp_path):
         assert r.pipeline.model_id == str(repo)
         assert r.pipeline.chat_template == "{{ messages[0]['content'] }}!"
         assert r.pipeline.tokenizer.to_str() == Tokenizer.from_file(str(repo / "tokenizer.json")).to_str()
+    (repo / "chat_template.jinja").write_text("{{ messages[0]['content'] }}?")  # as transformers now saves it
+    with load_gguf("llama", gguf_file("llama"), model_id=str(repo)) as r:
+        assert r.pipeline.chat_template == "{{ messages[0]['content'] }}?"
 
 
 def test_unknown_pre_tokenizer(tiny_models, gguf_file, tmp_path):
@@ -218,6 +221,47 @@ def test_architecture_must_fit_the_loader(gguf_file):
     with pytest.raises(ValueError, match=r"legacy GGML files hold Llama models only"):
         QuantizedLoader(mistralrs.MistralLoader, model_id=None, is_gguf=False, quantized_model_id="",
                         quantized_filename=str(gguf_file("mistral"))).load(token_source="none")
+
+
+@pytest.fixture(scope="module")
+def big_vocab_gguf(tmp_path_factory):
+    """big_vocab_gguf(arch) -> a GGUF with Gemma 3's 262k-token vocabulary (tokens, scores, types), written by
+    gguf-py, with the hyperparameters of a small model and a token_embd tensor."""
+    root, made, n = tmp_path_factory.mktemp("big-vocab"), {}, 262144
+
+    def make(arch):
+        if arch not in made:
+            w = gguf.GGUFWriter(root / f"{arch}.gguf", arch)
+            for key, value in (("context_length", 64), ("embedding_length", 8), ("block_count", 1),
+                               ("feed_forward_length", 16), ("attention.head_count", 2)):
+                w.add_uint32(f"{arch}.{key}", value)
+            w.add_tokenizer_model("llama")
+            w.add_token_list([f"<tok{i}>" for i in range(n)])
+            w.add_token_scores([-i / n for i in range(n)])
+            w.add_token_types([1] * n)
+            w.add_tensor("token_embd.weight", np.zeros((n, 8), np.float16))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            made[arch] = root / f"{arch}.gguf"
+        return made[arch]
+    return make
+
+
+@pytest.mark.parametrize("arch, loader", [("gemma", "llama"), ("llama", "gemma")])
+def test_wrong_architecture_is_refused_before_the_vocabulary_is_read(big_vocab_gguf, arch, loader):
+    """The metadata arrays are decoded when first used: a 262k-token file of the wrong architecture is refused in
+    well under a second (gguf.GGUFReader alone spends most of a minute on it)."""
+    path = big_vocab_gguf(arch)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"holds a '{arch}' model .*which {ARCHS[loader].__name__} does not load"):
+        load_gguf(loader, path)
+    assert time.monotonic() - start < 1.0
+    start = time.monotonic()  # and the hyperparameters, checked against the tensors before anything is built
+    with pytest.raises(ValueError, match=r"metadata gives 1 blocks, the tensors are of blocks \[\]"):
+        load_gguf(arch, path)
+    assert time.monotonic() - start < 1.0
 
 
 def test_mistral_gguf_with_and_without_sliding_window(gguf_file):

@@ -192,6 +192,7 @@ def test_real_model_files_match_llama_cpp(name):
         bad = compare(path, CORPUS, add_special=add_special)
         print(f"{path.name} add_special={add_special}: {len(CORPUS) - len(bad)}/{len(CORPUS)} identical")
         assert not bad, f"{len(bad)} of {len(CORPUS)} differ, e.g. {bad[:3]}"
+    assert read_vocab(read_gguf(path).metadata, path).eog == llama_cpp_eog(path)
 
 
 def llama_cpp_eog(path: Path) -> set[int]:
@@ -227,3 +228,21 @@ def test_end_of_generation_ids_match_llama_cpp(case, model, tmp_path):
     path = write_vocab(tmp_path / "eog.gguf", model, tokens, types, **extra, **ids)
     expected = llama_cpp_eog(path)
     assert read_vocab(read_gguf(path).metadata, path).eog == expected, [tokens[i] for i in expected]
+
+
+def test_named_chat_templates_in_gguf(bpe_vocab, tmp_path):
+    """gguf-py writes a tokenizer_config.json list of templates as tokenizer.chat_template (default) and
+    tokenizer.chat_template.<name>."""
+    tokens, merges, types = bpe_vocab
+    w = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_chat_template([{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    _, config = tokenizer_from_gguf(read_gguf(tmp_path / "t.gguf").metadata, "t")
+    assert config["chat_template"] == {"default": "D", "tool_use": "T"}

@@ -67,6 +67,11 @@ def _json_file(path: Path, obj) -> Path:
     return path
 
 
+def _text_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _safetensors(path: Path, **tensors) -> Path:
     save_file({k: torch.full((2, 2), float(v)) for k, v in tensors.items()}, str(path))
     return path
@@ -87,6 +92,8 @@ def fake_hub(tmp_path_factory) -> Path:
         "tokenizer.json": _json_file(src / "tokenizer.json", {"version": "1.0"}),
         "tokenizer_config.json": tok_cfg,
         "generation_config.json": _json_file(src / "generation_config.json", {"eos_token_id": 2}),
+        "chat_template.jinja": _text_file(src / "chat_template.jinja", "{{ messages[0]['content'] }}"),
+        "chat_template.json": _json_file(src / "chat_template.json", {"chat_template": "{{ 1 }}"}),
         # weight_map lists shard 2 first: the result must still be in shard order
         "model.safetensors.index.json": _json_file(src / "index.json", {"metadata": {}, "weight_map": {
             "b": SHARDS[1], "a": SHARDS[0], "c": SHARDS[1]}}),
@@ -142,6 +149,9 @@ def test_revisions_offline(fake_hub):
     assert Path(main["value"]["generation_config"]).name == "generation_config.json"
     # absent from the cached v1 snapshot, so absent offline
     assert v1["value"]["tokenizer_json"] is None and v1["value"]["generation_config"] is None
+    assert Path(main["value"]["chat_template_jinja"]).read_text() == "{{ messages[0]['content'] }}"
+    assert json.loads(Path(main["value"]["chat_template_json"]).read_text()) == {"chat_template": "{{ 1 }}"}
+    assert v1["value"]["chat_template_jinja"] is None and v1["value"]["chat_template_json"] is None
     assert Path(v1["value"]["tokenizer_config"]).read_text() == Path(main["value"]["tokenizer_config"]).read_text()
 
 

@@ -511,7 +511,8 @@ def test_chat_template_override_errors(llama, tmp_path):
     (tmp_path / "broken.json").write_text("{bad")
     with pytest.raises(ValueError, match="chat_template file .*broken.json is not valid JSON"):
         load(llama, wrapper_kw={"chat_template": str(tmp_path / "broken.json")})
-    with pytest.raises(FileNotFoundError, match="chat_template .*neither a Jinja template nor an existing file"):
+    with pytest.raises(FileNotFoundError,
+                       match="chat_template .*neither a Jinja template, an existing file nor the name"):
         load(llama, wrapper_kw={"chat_template": str(tmp_path / "missing.jinja")})
     with pytest.raises(TypeError, match="chat_template must be a str"):
         load(llama, wrapper_kw={"chat_template": 3})

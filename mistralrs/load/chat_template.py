@@ -1,9 +1,15 @@
-"""Chat templates: where the template comes from, and rendering it with jinja2 in a sandbox."""
+"""Chat templates: where the template comes from, and rendering it with jinja2 in a sandbox, as transformers'
+apply_chat_template does."""
 import json
+from datetime import datetime
 from pathlib import Path
 
+import jinja2.ext
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# The named special tokens transformers hands to templates (SPECIAL_TOKENS_ATTRIBUTES), when the model has them.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def token_text(value) -> str | None:
@@ -13,54 +19,107 @@ def token_text(value) -> str | None:
     return value
 
 
+def model_templates(tokenizer_config: dict, jinja: Path | None = None, json_file: Path | None = None):
+    """The model's template(s), as transformers finds them: chat_template.jinja (what save_pretrained writes now),
+    else chat_template.json's `chat_template`, else tokenizer_config.json's. A str, a dict of named templates
+    (tokenizer_config.json may list them as [{"name": ..., "template": ...}]), or None."""
+    if jinja is not None:
+        return jinja.read_text(encoding="utf-8")
+    if json_file is not None:
+        data = _read_json(json_file)
+        if "chat_template" not in data:
+            raise ValueError(f"{json_file} has no 'chat_template' key")
+        return _named(data["chat_template"], json_file)
+    return _named(tokenizer_config.get("chat_template"), "tokenizer_config.json")
+
+
+def _named(template, where):
+    if not isinstance(template, list):
+        return template
+    try:
+        return {t["name"]: t["template"] for t in template}
+    except (TypeError, KeyError):
+        raise ValueError(f"{where}: a list of chat templates must hold {{'name': ..., 'template': ...}} objects, "
+                         f"got {template!r:.200}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:  # bare, it would not name the file
+        raise ValueError(f"chat_template file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"chat_template file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 def resolve(override: str | None, tokenizer_config: dict) -> tuple[str | None, dict]:
     """The template to use and the special tokens it sees.
 
-    A user `override` wins over tokenizer_config.json. It is a path to a template file, a path to a JSON file
-    with `chat_template` (and optionally bos_token/eos_token/unk_token), or a literal Jinja template.
+    tokenizer_config["chat_template"] is the model's template (see model_templates): a str, or named templates, of
+    which `override` picks one by name, else "default" is used. Otherwise a user `override` wins: a path to a
+    template file, a path to a JSON file with `chat_template` (and optionally bos_token/eos_token/unk_token), or a
+    literal Jinja template.
     """
-    tokens = {k: token_text(tokenizer_config.get(k)) for k in ("bos_token", "eos_token", "unk_token")}
-    template = tokenizer_config.get("chat_template")
+    tokens = {k: token_text(tokenizer_config.get(k)) for k in SPECIAL_TOKENS}
+    template = _named(tokenizer_config.get("chat_template"), "tokenizer_config.json")
+    if isinstance(template, dict):
+        if override in template:
+            return template[override], tokens
+        if override is None and "default" not in template:
+            raise ValueError(f"this model has several chat templates ({', '.join(sorted(template))}) and none named "
+                             f"'default': pass chat_template= one of these names (or a template)")
+        template = template.get("default")
     if override is not None:
-        if not isinstance(override, str):
-            raise TypeError(f"chat_template must be a str (template or path), got {override!r}")
-        path = Path(override)
-        if len(override) < 4096 and "{" not in override and path.is_file():
-            text = path.read_text()
-            if path.suffix == ".json":
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as e:  # bare, it would not name the file
-                    raise ValueError(f"chat_template file {override} is not valid JSON: {e}") from None
-                if "chat_template" not in data:
-                    raise ValueError(f"chat_template file {override} has no 'chat_template' key")
-                text = data["chat_template"]
-                tokens.update({k: token_text(data[k]) for k in tokens if k in data})
-            template = text
-        elif "{" in override:
-            template = override
-        else:
-            raise FileNotFoundError(f"chat_template {override!r} is neither a Jinja template nor an existing file")
-    if isinstance(template, list):  # several named templates: use the default one
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get("default", next(iter(named.values())))
+        template = _override(override, tokens)
     return template, tokens
+
+
+def _override(override, tokens: dict) -> str:
+    if not isinstance(override, str):
+        raise TypeError(f"chat_template must be a str (template, path or template name), got {override!r}")
+    path = Path(override)
+    if len(override) < 4096 and "{" not in override and path.is_file():
+        if path.suffix != ".json":
+            return path.read_text(encoding="utf-8")
+        data = _read_json(path)
+        if "chat_template" not in data:
+            raise ValueError(f"chat_template file {override} has no 'chat_template' key")
+        tokens.update({k: token_text(data[k]) for k in tokens if k in data})
+        return data["chat_template"]
+    if "{" in override:
+        return override
+    raise FileNotFoundError(f"chat_template {override!r} is neither a Jinja template, an existing file nor the name "
+                            f"of one of the model's templates")
 
 
 def _raise(message):
     raise TemplateError(message)
 
 
-_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-_env.globals["raise_exception"] = _raise
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: jinja2's own escapes HTML characters, which chat prompts must not get
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format):
+    return datetime.now().strftime(format)
+
+
+_env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+_env.filters["tojson"] = _tojson
+_env.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
 
 
 def render(template: str | None, messages: list[dict], tokens: dict, add_generation_prompt: bool = True) -> str:
+    """The prompt text, with the variables transformers passes: messages, tools and documents (None: requests
+    carry neither), add_generation_prompt, and the model's named special tokens."""
     if template is None:
         raise ValueError("this model has no chat template: pass chat_template= to the loader, "
                          "or send `messages` as a plain string prompt")
     try:
-        return _env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                 **tokens)
+        return _env.from_string(template).render(
+            messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in tokens.items() if v is not None})
     except TemplateError as e:
         raise ValueError(f"chat template failed: {e}") from None

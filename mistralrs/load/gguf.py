@@ -5,24 +5,28 @@ A GGUF file (little-endian): b"GGUF", version u32 (2 or 3), tensor count u64, me
 u32, offset u64); padding to `general.alignment` (32); tensor data at those offsets. A string is a u64 length and
 UTF-8 bytes; an array is an item type u32, a u64 count, the items.
 
-gguf.GGUFReader does the parsing. It trusts the counts it reads, so a corrupt array length makes it loop (nearly)
-forever past the end of the file; a bounds-checked scan of the header runs first and turns every such problem
-into a ValueError naming the file.
+The header is read here, in one bounds-checked pass over the memory-mapped file, so a corrupt count or length is a
+ValueError naming the file, never a runaway loop. Metadata arrays are only located by that pass and decoded when
+first looked up: the architecture and hyperparameters are checked before anyone decodes a 262k-token vocabulary
+(gguf.GGUFReader spends most of a minute building its fields for one). Tensors are views of the mapping.
 """
 import math
 import mmap
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..kernels.dequant import SUPPORTED, row_bytes
 
 V = GGUFValueType
 SCALAR_SIZES = {V.UINT8: 1, V.INT8: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4, V.FLOAT32: 4, V.BOOL: 1,
                 V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}
+SCALAR_FORMATS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+                  V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}  # struct = numpy
 MIN_ITEM_SIZE = {**SCALAR_SIZES, V.STRING: 8, V.ARRAY: 12}
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 8
@@ -45,7 +49,7 @@ class RawTensor:
 @dataclass
 class GGUFFile:
     path: Path
-    metadata: dict
+    metadata: Mapping  # a Metadata for GGUF files, a dict for legacy GGML ones
     tensors: dict[str, RawTensor]
 
 
@@ -101,12 +105,98 @@ def _skip_value(c: Cursor, vtype: GGUFValueType, key: str, depth: int = 0) -> No
         n = c.count(c.u64(f"length of {key!r}"), MIN_ITEM_SIZE[itype], f"array {key!r}")
         if itype in SCALAR_SIZES:
             c.take(n * SCALAR_SIZES[itype], f"items of {key!r}")
+        elif itype == V.STRING:
+            _skip_strings(c, n, key)
         else:
             for _ in range(n):
                 _skip_value(c, itype, key, depth + 1)
 
 
-def _check_layout(buf, path: Path) -> None:
+def _skip_strings(c: Cursor, n: int, key: str) -> None:
+    """n strings, walked with the bounds check inlined: a vocabulary has hundreds of thousands."""
+    buf, pos, size = c.buf, c.pos, len(c.buf)
+    for i in range(n):
+        if pos + 8 > size:
+            c.pos = pos
+            c.take(8, f"length of item {i} of {key!r}")
+        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+        if pos > size:
+            raise ValueError(f"{c.path}: file is truncated or corrupt: item {i} of {key!r} runs past the end of the "
+                             f"file ({size} bytes)")
+    c.pos = pos
+
+
+def _read_value(c: Cursor, vtype: GGUFValueType, key: str):
+    """The value at the cursor, whose bounds the header pass has checked."""
+    if vtype in SCALAR_SIZES:
+        return struct.unpack(SCALAR_FORMATS[vtype], c.take(SCALAR_SIZES[vtype], key))[0]
+    if vtype == V.STRING:
+        try:
+            return bytes(c.string(key)).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{c.path}: metadata {key!r} is not valid UTF-8: {e}") from None
+    itype, n = GGUFValueType(c.u32(key)), c.u64(key)
+    if itype in SCALAR_SIZES:
+        items = np.frombuffer(c.buf, SCALAR_FORMATS[itype], n, c.pos)
+        c.pos += n * SCALAR_SIZES[itype]
+        return items.tolist()
+    if itype == V.STRING:
+        return _read_strings(c, n, key)
+    return [_read_value(c, itype, key) for _ in range(n)]
+
+
+def _read_strings(c: Cursor, n: int, key: str) -> list[str]:
+    buf, pos, out = c.buf, c.pos, []
+    try:
+        for _ in range(n):
+            end = pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+            out.append(buf[pos + 8:end].decode("utf-8"))
+            pos = end
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{c.path}: item {len(out)} of metadata {key!r} is not valid UTF-8: {e}") from None
+    c.pos = pos
+    return out
+
+
+class Metadata(Mapping):
+    """A GGUF file's metadata. Scalars and strings are read with the header; an array is decoded when first looked
+    up, so `in`, iteration and the architecture keys cost nothing for a file with a large vocabulary."""
+
+    def __init__(self, buf, path: Path):
+        self._buf, self._path = buf, path
+        self._values: dict[str, object] = {}
+        self._arrays: dict[str, int] = {}  # key -> file offset of the array (its item type)
+        self._keys: list[str] = []
+
+    def _add(self, key: str, vtype: GGUFValueType, pos: int) -> None:
+        if key in self._values or key in self._arrays:
+            raise ValueError(f"{self._path}: metadata key {key!r} appears twice")
+        self._keys.append(key)
+        if vtype == V.ARRAY:
+            self._arrays[key] = pos
+        else:
+            c = Cursor(self._buf, self._path)
+            c.pos = pos
+            self._values[key] = _read_value(c, vtype, key)
+
+    def __getitem__(self, key: str):
+        if key not in self._values:
+            c = Cursor(self._buf, self._path)
+            c.pos = self._arrays[key]
+            self._values[key] = _read_value(c, V.ARRAY, key)
+        return self._values[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._values or key in self._arrays
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _parse(buf, path: Path) -> tuple[Metadata, dict[str, RawTensor]]:
     """Walk the header with bounds checks: every length fits in the file, every tensor type is one we can load,
     every tensor's bytes lie inside the file."""
     c = Cursor(buf, path)
@@ -120,16 +210,16 @@ def _check_layout(buf, path: Path) -> None:
     n_tensors, n_kv = c.u64("tensor count"), c.u64("metadata count")
     c.count(n_kv, 8 + 4 + 1, "metadata count")
     c.count(n_tensors, 8 + 4 + 4 + 8, "tensor count")
-    alignment = 32
+    metadata = Metadata(buf, path)
     for i in range(n_kv):
         key = c.string(f"metadata key {i}").decode("utf-8", "replace")
         vtype = _value_type(c.u32(f"type of {key!r}"), f"metadata {key!r}", path)
         start = c.pos
         _skip_value(c, vtype, key)
-        if key == "general.alignment" and vtype == V.UINT32:
-            alignment = struct.unpack_from("<I", buf, start)[0]
-    if alignment == 0 or alignment & (alignment - 1):
-        raise ValueError(f"{path}: general.alignment is {alignment}, not a power of two")
+        metadata._add(key, vtype, start)
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment is {alignment!r}, not a power of two")
     infos = []
     for i in range(n_tensors):
         name = c.string(f"name of tensor {i}").decode("utf-8", "replace")
@@ -137,20 +227,25 @@ def _check_layout(buf, path: Path) -> None:
         if not 1 <= n_dims <= MAX_DIMS:
             raise ValueError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {MAX_DIMS}")
         dims = [c.u64(f"dimensions of tensor {name!r}") for _ in range(n_dims)]
-        raw_type = c.u32(f"type of tensor {name!r}")
-        offset = c.u64(f"offset of tensor {name!r}")
-        infos.append((name, dims, raw_type, offset))
+        infos.append((name, dims, c.u32(f"type of tensor {name!r}"), c.u64(f"offset of tensor {name!r}")))
     data_start = -(-c.pos // alignment) * alignment
+    tensors = {}
     for name, dims, raw_type, offset in infos:
         qtype = tensor_type(raw_type, name, path)
         block, size = GGML_QUANT_SIZES[qtype]
         if min(dims) < 1 or dims[0] % block:
             raise ValueError(f"{path}: tensor {name!r} has dimensions {dims}, impossible for type {qtype.name} "
                              f"(rows of a multiple of {block} weights)")
-        end = data_start + offset + math.prod(dims) // block * size
-        if end > len(buf):
-            raise ValueError(f"{path}: file is truncated or corrupt: tensor {name!r} ends at byte {end}, "
-                             f"the file has {len(buf)}")
+        nbytes = math.prod(dims) // block * size
+        if data_start + offset + nbytes > len(buf):
+            raise ValueError(f"{path}: file is truncated or corrupt: tensor {name!r} ends at byte "
+                             f"{data_start + offset + nbytes}, the file has {len(buf)}")
+        if name in tensors:
+            raise ValueError(f"{path}: tensor {name!r} appears twice")
+        shape = tuple(reversed(dims))  # torch order: the contiguous row last
+        data = np.frombuffer(buf, np.uint8, nbytes, data_start + offset)
+        tensors[name] = RawTensor(name, qtype, shape, data.reshape(math.prod(shape[:-1]), row_bytes(qtype, dims[0])))
+    return metadata, tensors
 
 
 def tensor_type(raw: int, name: str, path: Path) -> GGMLQuantizationType:
@@ -165,34 +260,13 @@ def tensor_type(raw: int, name: str, path: Path) -> GGMLQuantizationType:
     return qtype
 
 
-def _metadata_value(field, path: Path):
-    try:
-        return field.contents()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: metadata {field.name!r} is not valid UTF-8: {e}") from None
-
-
 def read_gguf(path) -> GGUFFile:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist or is not a file")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty, not a GGUF file")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _check_layout(buf, path)
-    try:
-        reader = GGUFReader(path)
-    except OSError:
-        raise
-    except Exception as e:  # the layout is checked, so this is a corrupt value the scan does not interpret
-        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
-    metadata = {name: _metadata_value(field, path) for name, field in reader.fields.items()
-                if not name.startswith("GGUF.")}
-    tensors = {}
-    for t in reader.tensors:
-        qtype = GGMLQuantizationType(int(t.tensor_type))
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        rows = math.prod(shape[:-1])
-        data = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(rows, row_bytes(qtype, shape[-1]))
-        tensors[t.name] = RawTensor(t.name, qtype, shape, data)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the tensors and metadata stay views of it
+    metadata, tensors = _parse(buf, path)
     return GGUFFile(path, metadata, tensors)

@@ -7,6 +7,7 @@ is swapped for QuantLinear / QuantEmbedding holding the bytes as stored, and eve
 tensors) is loaded in the activation dtype.
 """
 import re
+from collections import ChainMap
 
 import numpy as np
 import torch
@@ -100,7 +101,8 @@ def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.d
     arch = gfile.metadata["general.architecture"]
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: tensor 'token_embd.weight' is missing")
-    md = {f"{arch}.vocab_size": tensors["token_embd.weight"].shape[0], **gfile.metadata}
+    # ChainMap, not a merged dict: copying the metadata would decode its vocabulary arrays
+    md = ChainMap(gfile.metadata, {f"{arch}.vocab_size": tensors["token_embd.weight"].shape[0]})
     try:
         args = module.Args.from_gguf(md, set(tensors))
         _check_args(args, tensors)

@@ -409,5 +409,10 @@ def config_from_vocab(v: Vocab, md) -> dict:
     def text(name):
         return v.tokens[v.ids[name]] if v.ids[name] is not None else None
 
+    # gguf-py writes named templates as tokenizer.chat_template.<name>, the default one without a name
+    named = {k.removeprefix("tokenizer.chat_template."): md[k] for k in md if k.startswith("tokenizer.chat_template.")}
+    template = md.get("tokenizer.chat_template")
+    if named:
+        template = {**named, **({"default": template} if template is not None else {})}
     return {"bos_token": text("bos"), "eos_token": text("eos"), "unk_token": text("unk"), "add_bos_token": v.add_bos,
-            "chat_template": md.get("tokenizer.chat_template")}
+            "chat_template": template}

@@ -154,12 +154,15 @@ class ModelFiles:
     tokenizer_config: Path | None
     generation_config: Path | None
     weights: list[Path]  # safetensors files, in shard order
+    chat_template_jinja: Path | None = None  # where transformers now saves the template
+    chat_template_json: Path | None = None  # {"chat_template": ...}, as processors saved it
 
 
 def model_files(model_id: str, *, revision: str | None = None, token: str | bool = False,
                 tokenizer_json: str | None = None, weights: bool = True) -> ModelFiles:
     """The files a safetensors model needs. config.json is required; tokenizer.json (unless `tokenizer_json`, a local
-    path, overrides it), tokenizer_config.json and generation_config.json are optional."""
+    path, overrides it), tokenizer_config.json, generation_config.json, chat_template.jinja and chat_template.json
+    are optional."""
     kw = dict(revision=revision, token=token)
     config = repo_file(model_id, "config.json", **kw)
     if tokenizer_json is not None:
@@ -171,7 +174,14 @@ def model_files(model_id: str, *, revision: str | None = None, token: str | bool
     return ModelFiles(config=config, tokenizer_json=tok,
                       tokenizer_config=optional_repo_file(model_id, "tokenizer_config.json", **kw),
                       generation_config=optional_repo_file(model_id, "generation_config.json", **kw),
-                      weights=_weights(model_id, revision, token) if weights else [])
+                      weights=_weights(model_id, revision, token) if weights else [],
+                      **chat_template_files(model_id, **kw))
+
+
+def chat_template_files(model_id: str, **kw) -> dict[str, Path | None]:
+    """chat_template.jinja and chat_template.json of model_id, each None when absent."""
+    return {"chat_template_jinja": optional_repo_file(model_id, "chat_template.jinja", **kw),
+            "chat_template_json": optional_repo_file(model_id, "chat_template.json", **kw)}
 
 
 def _weights(model_id: str, revision: str | None, token: str | bool) -> list[Path]:

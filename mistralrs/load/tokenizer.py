@@ -7,13 +7,17 @@ from tokenizers import Tokenizer
 
 from ..model_args import read_json
 from . import hub
+from .chat_template import model_templates
 from .gguf_tokenizer import config_from_vocab, read_vocab, tokenizer_from_gguf
 
 
 def load_tokenizer(files: hub.ModelFiles, model_id: str) -> tuple[Tokenizer, dict]:
+    """The tokenizer and tokenizer_config.json, whose chat_template is the model's template from whichever file
+    holds it (chat_template.model_templates)."""
     if files.tokenizer_json is None:
         raise FileNotFoundError(f"{model_id} has no tokenizer.json; pass tokenizer_json= to the loader")
     tok_cfg = read_json(files.tokenizer_config) if files.tokenizer_config else {}
+    tok_cfg["chat_template"] = model_templates(tok_cfg, files.chat_template_jinja, files.chat_template_json)
     return tokenizer_from_file(files.tokenizer_json), tok_cfg
 
 
@@ -33,6 +37,9 @@ def quantized_tokenizer(qfile, model_id: str | None, tokenizer_json: str | None,
         path = path or hub.optional_repo_file(model_id, "tokenizer.json", **kw)
         if p := hub.optional_repo_file(model_id, "tokenizer_config.json", **kw):
             tok_cfg = read_json(p)
+        files = hub.chat_template_files(model_id, **kw)
+        if template := model_templates(tok_cfg, files["chat_template_jinja"], files["chat_template_json"]):
+            tok_cfg["chat_template"] = template
         if p := hub.optional_repo_file(model_id, "generation_config.json", **kw):
             gen_cfg = read_json(p)
     md = qfile.metadata
