@@ -24,6 +24,7 @@ from torch import nn  # noqa: E402
 
 from mistralrs.engine.block_manager import BlockManager  # noqa: E402
 from mistralrs.engine.model_runner import ModelRunner, SeqState  # noqa: E402
+from mistralrs.engine.scheduler import Scheduler  # noqa: E402
 from mistralrs.linears import QuantLinear  # noqa: E402
 from mistralrs.models import mistral  # noqa: E402
 
@@ -84,14 +85,25 @@ def sync(device: torch.device) -> None:
 def decode(model, shape: dict, dtype, device, B: int, prompt: int, steps: int) -> dict:
     """Prefill B random prompts, then `steps` greedy decode steps of the whole batch; timings in seconds."""
     tokens_per_seq = prompt + steps + 1
-    blocks = BlockManager(shape["num_hidden_layers"], B * -(-tokens_per_seq // BLOCK_SIZE), BLOCK_SIZE,
-                          shape["num_key_value_heads"], shape["head_dim"], dtype, device)
-    runner = ModelRunner(model, blocks, device)
+    num_blocks = B * -(-tokens_per_seq // BLOCK_SIZE)
+    kv_shape = (num_blocks, BLOCK_SIZE, shape["num_key_value_heads"], shape["head_dim"])  # [NB, BS, KVH, D]
+    kv_caches = [(torch.zeros(kv_shape, dtype=dtype, device=device), torch.zeros(kv_shape, dtype=dtype, device=device))
+                 for _ in range(shape["num_hidden_layers"])]
+    runner = ModelRunner(model, kv_caches, device)
+    # The engine's own scheduler allocates the blocks; its prefill budget admits the whole batch in one step.
+    scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), max_seqs=B, max_prefill_tokens=B * prompt)
     g = torch.Generator().manual_seed(B)
     seqs = [SeqState(tokens=torch.randint(0, shape["vocab_size"], (prompt,), generator=g).tolist()) for _ in range(B)]
+    for s in seqs:
+        scheduler.add(s)
+
+    def step():
+        batch, too_long = scheduler.schedule()
+        assert batch == seqs and not too_long, "the batch must fit its KV cache"
+        return runner.step(batch, scheduler.block_tables(batch))
     sync(device)
     t = time.perf_counter()
-    logits = runner.step(seqs)
+    logits = step()
     sync(device)
     prefill_s = time.perf_counter() - t
     times = []
@@ -100,7 +112,7 @@ def decode(model, shape: dict, dtype, device, B: int, prompt: int, steps: int) -
             s.tokens.append(tok)
         sync(device)
         t = time.perf_counter()
-        logits = runner.step(seqs)
+        logits = step()
         sync(device)
         times.append(time.perf_counter() - t)
     if not torch.isfinite(logits).all():
