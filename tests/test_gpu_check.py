@@ -24,7 +24,7 @@ def test_dry_run_writes_every_result(tmp_path):
 
     bench = json.loads((dest / "results.json").read_text())["benchmarks"]
     assert {b["fullname"].split("::")[0].split("/")[-1] for b in bench} == {"bench_paged_attention.py",
-                                                                            "bench_quant_matmul.py"}
+                                                                            "bench_gguf_matmul.py"}
     assert (dest / "README.md").read_text().startswith("# Benchmark results")
 
     e2e = json.loads((dest / "e2e_random_model.json").read_text())["results"]
