@@ -230,8 +230,9 @@ def test_dispatch(monkeypatch):
     monkeypatch.setattr(kernels, "BACKEND", "reference")
     assert torch.equal(kernels.gguf_matmul(x, w, Q.Q4_0, 8, 96), reference.gguf_matmul(x, w, Q.Q4_0, 8, 96))
     monkeypatch.setattr(kernels, "BACKEND", "auto")
-    w5 = torch.from_numpy(gguf_quantized(Q.Q5_0, 8, 96, np.random.default_rng(0)))  # no CPU kernel
-    assert torch.equal(kernels.gguf_matmul(x, w5, Q.Q5_0, 8, 96), reference.gguf_matmul(x, w5, Q.Q5_0, 8, 96))
+    x2 = torch.randn(1, 256)
+    w2 = torch.from_numpy(random_blocks(Q.Q2_K, 8, 256, np.random.default_rng(0)))  # no CPU kernel
+    assert torch.equal(kernels.gguf_matmul(x2, w2, Q.Q2_K, 8, 256), reference.gguf_matmul(x2, w2, Q.Q2_K, 8, 256))
 
 
 def test_cpu_without_avx2_falls_back_to_the_reference(monkeypatch):
