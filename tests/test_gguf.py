@@ -521,7 +521,7 @@ def test_quantized_model_id_on_the_hub(gguf_file, tmp_path):
     import subprocess
     import sys
 
-    from test_hub import HF_ENV, commit_hash, make_fake_hub_repo
+    from helpers import HF_ENV, commit_hash, make_fake_hub_repo
     main, v1 = commit_hash("gguf-main"), commit_hash("gguf-v1")
     make_fake_hub_repo(tmp_path, "tiny/llama-gguf", [(main, {"model.gguf": gguf_file("llama", "q8_0")}),
                                                       (v1, {"model.gguf": gguf_file("llama", "q4_0")})],

@@ -259,11 +259,11 @@ def test_tied_head_is_the_embedding_bytes(tiny_models, tmp_path):
     from mistralrs.load.gguf_model import load_gguf_model
     from mistralrs.models import gemma
 
-    from test_gguf import convert
+    import convert_to_gguf as convert
 
     path = convert.convert(tiny_models["gemma"], tmp_path / "gemma-q8_0.gguf", "q8_0")
     assert "output.weight" not in read_gguf(path).tensors
-    model, _ = load_gguf_model(gemma, read_gguf(path), torch.float32, torch.device("cpu"), "GemmaLoader")
+    model, _ = load_gguf_model(gemma, read_gguf(path), torch.float32, torch.device("cpu"))
     head, embed = model.lm_head, model.model.embed_tokens
     assert isinstance(head, QuantLinear) and isinstance(embed, QuantEmbedding) and head.qtype == Q.Q8_0
     assert head.qweight.data_ptr() == embed.qweight.data_ptr()
