@@ -59,8 +59,10 @@ class TimedModel:
 def timed_runner():
     with mistralrs.NormalLoader(ARCHS[ARCH], model_id=MODEL).load(token_source="none") as r:
         model_runner = r.pipeline.model_runner
-        model_runner.model = TimedModel(model_runner.model)
-        yield r, model_runner.model
+        timed = model_runner.model = TimedModel(model_runner.model)
+        # the model runner binds its forward at construction: route it through the timed model too
+        model_runner.forward = lambda ids, positions, meta, kv_caches, seqs: timed(ids, positions, meta, kv_caches)
+        yield r, timed
 
 
 def outside(calls) -> list[float]:
