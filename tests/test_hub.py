@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mistralrs import hub
+from mistralrs.load import hub
 
 from helpers import HF_ENV, commit_hash, make_fake_hub_repo
 

@@ -25,7 +25,7 @@ from mistralrs import (
     XLoraLoader,
     XLoraQuantizedLoader,
 )
-from mistralrs import chat_template as chat_template_module
+from mistralrs.load import chat_template as chat_template_module
 
 from helpers import HF_ENV, checkpoint_files, commit_hash, make_fake_hub_repo
 
