@@ -7,7 +7,9 @@
                                weights), at::mm; the reference's result up to float summation order
 
 Threads: at::parallel_for over the rows of W, so torch.set_num_threads applies; the gemv result does not depend on
-the thread count or on the other rows of x. Build: torch.utils.cpp_extension.load compiles the extension on first
+the thread count or on the other rows of x. at::parallel_for is OpenMP inline in the header: without -fopenmp it
+compiles to a serial loop (it did until the 2-thread decode was found no faster than 1 thread); with it, the
+extension binds to the libgomp.so.1 torch has already loaded, so torch's thread count is the one used. Build: torch.utils.cpp_extension.load compiles the extension on first
 import (about a minute) into the torch extensions directory ($TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) and reuses it after; tools/setup.sh builds it at install. On a CPU without AVX2, FMA and
 F16C the module loads without building and UNAVAILABLE says why: the dispatch then warns once and uses the
@@ -34,7 +36,7 @@ GEMM_MIN_M = 32
 # f32 scratch per W tile: half of a 512 KiB L2, so that the tile stays there while at::mm reads it.
 GEMM_TILE_BYTES = 256 << 10
 SOURCE = Path(__file__).with_name("gguf_cpu.cpp")
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c"]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
 def _load():
@@ -50,7 +52,7 @@ def _load():
                                               "a first build takes about a minute, then it is cached..."])
     note.start()
     try:
-        ext = load("mistralrs_gguf_cpu", [str(SOURCE)], extra_cflags=CFLAGS)
+        ext = load("mistralrs_gguf_cpu", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     finally:
         note.cancel()
     if not ext.cpu_has_avx2():
