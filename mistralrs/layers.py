@@ -52,14 +52,7 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # F.rms_norm's x * rsqrt(mean(x^2) + eps) * w is Hugging Face's to the bit, in fewer ops; its weight goes in
-        # only in fp32, where Hugging Face's cast back before multiplying changes nothing.
-        dim = self.weight.shape
-        if self.unit_offset:
-            return F.rms_norm(x.float(), dim, 1.0 + self.weight.float(), self.eps).to(x.dtype)
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, dim, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), dim, None, self.eps).to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -104,7 +97,7 @@ class Rotary:
         self._inv_freq, self._tables = value, {}
 
     def _table(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[n, 2, rotary_dim]: cos, and sin signed for rotate-half (-sin on the first half, see apply_rotary)."""
+        """[n, 2, rotary_dim]: cos, and sin signed for rotate-half (-sin on the first half, see kernels.reference.apply_rotary)."""
         positions = torch.arange(n, dtype=torch.int64, device=device).float()
         freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [n, rotary_dim / 2], as Hugging Face's
         cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
@@ -121,14 +114,18 @@ class Rotary:
         return cs[:, None, 0], cs[:, None, 1]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; rotates (x1, x2) halves of the first r = cos.shape[-1] dims: x * cos + (-x2, x1) * sin, written
-    as x * cos + (x2, x1) * (-sin, sin) with the sign in Rotary's table (the same numbers, in half the ops)."""
-    r = cos.shape[-1]
-    if r == x.shape[-1]:
-        return x * cos + x.roll(r // 2, -1) * sin
-    x_rot = x[..., :r]
-    return torch.cat((x_rot * cos + x_rot.roll(r // 2, -1) * sin, x[..., r:]), dim=-1)
+@dataclass(frozen=True, eq=False)
+class Fused:
+    """Projections of one input run as one matrix product: proj's output columns are theirs, in order (sizes).
+
+    Set at load (linears.fuse_projections) when the projections' weights can be stacked; each projection's weight
+    is then a view of proj's, so the modules, their names and the state_dict are unchanged. A plain attribute, not
+    a submodule: proj's tensors are views, not weights of their own (and the model is not moved after load)."""
+    proj: nn.Module
+    sizes: tuple[int, ...]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.proj(x).split_with_sizes(self.sizes, dim=-1)  # (Tensor.split is a Python wrapper around it)
 
 
 class Attention(nn.Module):
@@ -145,36 +142,17 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
         self.softcap = softcap
-        self.register_buffer("qkv", None, persistent=False)  # [Nq + 2 Nkv, K] once fuse_qkv() has run
-        self.register_buffer("qkv_bias", None, persistent=False)
-
-    def fuse_qkv(self) -> None:
-        """Store the q, k and v weights as the columns of one contiguous [K, Nq + 2 Nkv] tensor: batch-1 decode then
-        runs one matrix-vector product instead of three (two of them the narrow k/v ones, which MKL reads at half
-        the speed). The three Linears keep their weights, now views of that tensor, so module names, state_dict and
-        weight edits see no change; loaders call this on CPU only (linears.cpu_matvec_layout)."""
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        w_t = torch.cat([p.weight.detach().t() for p in projs], dim=1)  # [K, Nq + 2 Nkv], contiguous
-        b = torch.cat([p.bias.detach() for p in projs]) if self.q_proj.bias is not None else None
-        start = 0
-        for p in projs:
-            n = p.out_features
-            p.weight = nn.Parameter(w_t[:, start:start + n].t(), requires_grad=False)
-            if b is not None:
-                p.bias = nn.Parameter(b[start:start + n], requires_grad=False)
-            start += n
-        self.qkv, self.qkv_bias = w_t.t(), b
+        self.qkv: Fused | None = None  # q, k, v as one product, set at load (linears.fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T = x.shape[0]
         if self.qkv is not None:
-            q, k, v = F.linear(x, self.qkv, self.qkv_bias).split(
-                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+            q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(T, self.n_heads, self.head_dim), cos, sin)  # [T, H, D]
-        k = apply_rotary(k.view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
+        q, k = kernels.rotary_embedding(q.view(T, self.n_heads, self.head_dim),  # [T, H, D]
+                                        k.view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
         v = v.view(T, self.n_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -193,9 +171,11 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         self.act = activation(act)
+        self.gate_up: Fused | None = None  # gate and up as one product, set at load (linears.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class Expert(nn.Module):

@@ -236,19 +236,32 @@ def test_dispatch(monkeypatch):
 
 
 def test_cpu_without_avx2_falls_back_to_the_reference(monkeypatch):
-    """On a CPU torch does not rate AVX2 the module loads without building, warns once, and the dispatch uses the
-    reference."""
+    """On a CPU torch does not rate AVX2 the extension loads without building and warns once; every CPU op then
+    runs its torch path: gguf_matmul the reference, rms_norm the reference, decode attention SDPA."""
+    from mistralrs.kernels import attention_cpu, cpu_ext, rowwise_cpu
+    dependents = (gguf_cpu, attention_cpu, rowwise_cpu)  # each took `ext` from cpu_ext at its import
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     try:
         with pytest.warns(UserWarning, match="unavailable .*lacks AVX2"):
-            importlib.reload(gguf_cpu)
-        assert gguf_cpu.UNAVAILABLE is not None
+            importlib.reload(cpu_ext)
+        for m in dependents:
+            importlib.reload(m)
+        assert cpu_ext.UNAVAILABLE is not None and gguf_cpu.UNAVAILABLE is not None
         x, w = torch.randn(1, 64), cpu_weight(Q.Q8_0, 8, 64)
         assert torch.equal(kernels.gguf_matmul(x, w, Q.Q8_0, 8, 64), reference.gguf_matmul(x, w, Q.Q8_0, 8, 64))
+        norm_w = torch.randn(64)
+        assert torch.equal(kernels.rms_norm(x, norm_w, 1e-6), reference.rms_norm(x, norm_w, 1e-6))
+        cache = torch.randn(2, 16, 2, 32)
+        q, tables, lens = torch.randn(1, 4, 32), torch.tensor([[1, 0]], dtype=torch.int32), torch.tensor(
+            [20], dtype=torch.int32)
+        cu = torch.tensor([0, 1], dtype=torch.int32)
+        torch.testing.assert_close(kernels.paged_decode_attention(q, cache, cache, tables, lens, cu, 0.2),
+                                   reference.paged_decode_attention(q, cache, cache, tables, lens, cu, 0.2))
     finally:
         monkeypatch.undo()
-        importlib.reload(gguf_cpu)  # the cached build: no compile
-    assert gguf_cpu.UNAVAILABLE is None or "AVX2" in gguf_cpu.UNAVAILABLE
+        importlib.reload(cpu_ext)  # the cached build: no compile
+        for m in dependents:
+            importlib.reload(m)
 
 
 def test_tied_head_is_the_embedding_bytes(tiny_models, tmp_path):

@@ -8,11 +8,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from mistralrs import kernels
-from mistralrs.kernels import attention, attention_cpu, gguf, gguf_cpu, reference, xlora
+from mistralrs.kernels import attention, attention_cpu, gguf, gguf_cpu, reference, rowwise_cpu, xlora
 
 
 class CudaTensor:  # all the dispatch reads of a tensor is its device
-    is_cuda = True
+    is_cuda, is_cpu = True, False
     device = torch.device("cuda")
 
 
@@ -27,6 +27,8 @@ OPS = {
     "paged_decode_attention": (ATTENTION_ARGS, {"reference": reference, "cpu": attention_cpu, "triton": attention}),
     "gguf_matmul": (lambda x: (x, x, Q.Q4_0, 8, 32), {"reference": reference, "cpu": gguf_cpu, "triton": gguf}),
     "xlora_mix": (lambda x: (x, x, x, x, x), {"reference": reference, "triton": xlora}),
+    "rms_norm": (lambda x: (x, x, 1e-6), {"reference": reference, "cpu": rowwise_cpu}),
+    "rotary_embedding": (lambda x: (x, x, x, x), {"reference": reference, "cpu": rowwise_cpu}),
 }
 # (BACKEND, device) -> which implementation runs
 EXPECTED = {("auto", "cpu"): "cpu", ("auto", "cuda"): "triton", ("triton", "cpu"): "triton",

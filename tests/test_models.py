@@ -5,7 +5,7 @@ from torch import nn
 
 import mistralrs
 from mistralrs.engine.model_runner import SeqState
-from mistralrs.layers import Attention
+from mistralrs.layers import Attention, GatedMLP
 
 from helpers import (
     ARCHS,
@@ -36,19 +36,23 @@ def test_logits_match_transformers(tiny_models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cpu_weight_layout(tiny_models, arch):
-    """On CPU (test_logits_match_transformers checks the values): each attention's q, k, v weights are column blocks
-    of one contiguous [K, Nq + 2 Nkv] tensor; other float32 Linears with out_features >= in_features hold a [K, N]
+    """On CPU (test_logits_match_transformers checks the values): each attention's q, k, v weights (and each MLP's
+    gate, up) are column blocks of one contiguous [K, Nq + 2 Nkv] tensor, multiplied as one; other float32 Linears with out_features >= in_features hold a [K, N]
     tensor seen through a transposed view, narrower ones keep [N, K]; a tied lm_head stays the embedding's tensor."""
     model = load(tiny_models[arch], arch).pipeline.model_runner.model
     attn = [m for m in model.modules() if isinstance(m, Attention)]
-    qkv = {id(p) for a in attn for p in (a.q_proj, a.k_proj, a.v_proj)}
-    for a in attn:
-        assert a.qkv.t().is_contiguous() and a.qkv.shape == (a.q_proj.out_features + 2 * a.k_proj.out_features,
-                                                             a.q_proj.in_features)
-        for p in (a.q_proj, a.k_proj, a.v_proj):
-            assert p.weight.untyped_storage().data_ptr() == a.qkv.untyped_storage().data_ptr()
-            assert p.weight.stride() == (1, a.qkv.shape[0])
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in qkv]
+    mlps = [m for m in model.modules() if isinstance(m, GatedMLP)]
+    groups = [(a.qkv, (a.q_proj, a.k_proj, a.v_proj)) for a in attn] + [(m.gate_up, (m.gate_proj, m.up_proj))
+                                                                        for m in mlps]
+    for fused, projs in groups:
+        w = fused.proj.weight
+        assert w.t().is_contiguous() and w.shape == (sum(p.out_features for p in projs), projs[0].in_features)
+        assert fused.sizes == tuple(p.out_features for p in projs)
+        for p in projs:
+            assert p.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+            assert p.weight.stride() == (1, w.shape[0])
+    stacked = {id(p) for _, projs in groups for p in projs}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in stacked]
     assert {m.out_features >= m.in_features for m in linears} == {True, False}  # both kinds are checked
     for m in linears:
         assert (m.weight.stride() == (1, m.out_features)) == (m.out_features >= m.in_features), m
@@ -58,6 +62,7 @@ def test_cpu_weight_layout(tiny_models, arch):
     fp16 = load(tiny_models[arch], arch, dtype=mistralrs.DType.F16).pipeline.model_runner.model
     assert all(m.weight.is_contiguous() for m in fp16.modules() if isinstance(m, nn.Linear))  # float32 only
     assert all(m.qkv is None for m in fp16.modules() if isinstance(m, Attention))
+    assert all(m.gate_up is None for m in fp16.modules() if isinstance(m, GatedMLP))
 
 
 @pytest.mark.parametrize("no_kv_cache", [False, True], ids=["kv_cache", "no_kv_cache"])

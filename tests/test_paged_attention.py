@@ -5,7 +5,7 @@ import torch
 
 from mistralrs import kernels
 from mistralrs.kernels import attention as triton_ops
-from mistralrs.kernels import attention_cpu, reference
+from mistralrs.kernels import attention_cpu, cpu_ext, reference
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -135,8 +135,9 @@ def test_cpu_attention_matches_reference(case, window, variant):
 
 
 def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
-    """A sequence on consecutive pages is attended as a view of the cache: no gather (index) of its pages."""
-    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.float32, consecutive=True)
+    """SDPA path (bf16: f32 decode runs the C++ kernel, which reads every page in place): a sequence on
+    consecutive pages is attended as a view of the cache, no gather (index) of its pages."""
+    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.bfloat16, consecutive=True)
     gathered = []
     real = attention_cpu._context
 
@@ -148,10 +149,33 @@ def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
     monkeypatch.setattr(attention_cpu, "_context", spy)
     attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     assert gathered == [False, False]
-    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.float32)
+    q, k_cache, v_cache, tables, lens, cu = make_case([1], [40], 9, 3, 64, 16, torch.bfloat16)
     gathered.clear()
     attention_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     assert gathered == [True, True]
+
+
+@pytest.mark.skipif(cpu_ext.UNAVAILABLE is not None, reason=f"{cpu_ext.UNAVAILABLE}")
+def test_cpu_store_kv_and_decode_checks():
+    """The C++ store_kv equals the reference on strided views (fused projection outputs); bad slots, blocks and
+    lengths raise instead of writing or reading outside the cache."""
+    T, KVH, D = 5, 3, 64
+    kv = torch.randn(T, 2 * KVH * D + 8)  # k and v as column blocks of a wider row, like the fused qkv output
+    k, v = kv[:, :KVH * D].view(T, KVH, D), kv[:, KVH * D:2 * KVH * D].view(T, KVH, D)
+    slots = torch.tensor([3, 40, 0, 17, 63])
+    ours, ref = [torch.zeros(4, 16, KVH, D) for _ in range(2)], [torch.zeros(4, 16, KVH, D) for _ in range(2)]
+    attention_cpu.store_kv(k, v, *ours, slots)
+    reference.store_kv(k, v, *ref, slots)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        attention_cpu.store_kv(k, v, *ours, torch.tensor([0, 1, 2, 3, 64]))
+    q = torch.randn(1, 6, D)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        attention_cpu.paged_decode_attention(q, *ours, torch.tensor([[0, 9]], dtype=torch.int32),
+                                             torch.tensor([20], dtype=torch.int32), None, 0.125)
+    with pytest.raises(RuntimeError, match="context_lens"):
+        attention_cpu.paged_decode_attention(q, *ours, torch.tensor([[0, 1]], dtype=torch.int32),
+                                             torch.tensor([33], dtype=torch.int32), None, 0.125)
 
 
 @pytest.mark.parametrize("backend,impl", [("auto", attention_cpu), ("reference", reference)])

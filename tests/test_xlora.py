@@ -140,7 +140,7 @@ def test_other_file_layouts(tiny_models, repos, tmp_path, layout):
         save_file({names[k.split(".", 1)[1].rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v
                    for k, v in tensors.items()}, repo / "xlora_classifier.safetensors")
     diff = _prefill_vs_peft(load(tiny_models["llama"], repo), tiny_models["llama"], repos["depth2"])
-    assert diff <= 1e-4, diff
+    assert diff <= 3e-5, diff
 
 
 def test_ordering_without_base_model_id(tiny_models, repos, tmp_path):
@@ -319,10 +319,13 @@ def test_tgt_non_granular_index_must_be_an_int(tiny_models, repos):
 
 
 def _prefill_vs_peft(runner, base, repo):
+    """max |ours - PEFT| over the prompt's logits, relative to max |PEFT logits| (float32 rounding scales with it).
+    The tiny random models amplify rounding: 1e-6 to 1.3e-5 here, where the only differences are the order of
+    float32 sums (our C++ norm, rotary and attention, fused projections)."""
     ids = prompt_ids(runner)
     with torch.no_grad():
         ref = TOOL.peft_xlora(base, repo)(input_ids=torch.tensor([ids])).logits[0]
-    return (all_logits(runner, ids) - ref).abs().max().item()
+    return ((all_logits(runner, ids) - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -335,8 +338,8 @@ def test_f32_gguf_base_matches_peft(tiny_models, tmp_path, arch):
                                             quantized_filename=str(gguf), order_file=str(repo / "ordering.json"),
                                             xlora_model_id=str(repo))
     diff = _prefill_vs_peft(loader.load(token_source="none"), base, repo)
-    print(f"{arch} GGUF f32: max |logits - PEFT X-LoRA| = {diff:.2e}")
-    assert diff <= 1e-4, diff
+    print(f"{arch} GGUF f32: max |logits - PEFT X-LoRA| / max |logits| = {diff:.2e}")
+    assert diff <= 3e-5, diff
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
@@ -357,8 +360,8 @@ def test_ggml_base(tiny_models, tmp_path, qtype):
     runner = loader.load(token_source="none")
     if qtype == "f32":
         diff = _prefill_vs_peft(runner, base, repo)
-        print(f"llama GGML f32: max |logits - PEFT X-LoRA| = {diff:.2e}")
-        assert diff <= 1e-4, diff
+        print(f"llama GGML f32: max |logits - PEFT X-LoRA| / max |logits| = {diff:.2e}")
+        assert diff <= 3e-5, diff
     else:
         q_proj = runner.pipeline.model_runner.model.base.model.layers[0].self_attn.q_proj
         assert q_proj.base.qweight.dtype == torch.uint8 and q_proj.lora_a.dtype == torch.float32

@@ -11,6 +11,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -e ".[dev]"
-# Build the CPU GGUF kernel now (about a minute on 2 cores; cached in the torch extensions directory), not at the
-# first GGUF forward. Where the CPU lacks AVX2 this only warns: gguf_matmul then uses the torch reference.
-"$PY" -c "import mistralrs.kernels.gguf_cpu as k; print('gguf_cpu:', k.UNAVAILABLE or 'built')"
+# Build the CPU kernels now (about a minute on 2 cores; cached in the torch extensions directory), not at the
+# first CPU forward. Where the CPU lacks AVX2 this only warns: the CPU ops then use their torch paths.
+"$PY" -c "import mistralrs.kernels.cpu_ext as k; print('cpu kernels:', k.UNAVAILABLE or 'built')"

@@ -4,16 +4,20 @@ one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
     "auto"       Triton for CUDA tensors; for CPU tensors the CPU implementation where the op has one
-                 (attention_cpu.py's attention, gguf_cpu's C++ gguf_matmul), else the torch reference (the default)
+                 (attention_cpu.py, gguf_cpu.py, rowwise_cpu.py: C++ kernels built by cpu_ext.py, and SDPA), else
+                 the torch reference (the default). rms_norm and rotary_embedding have no Triton kernel: on CUDA
+                 the reference's torch ops (fused by torch there) run.
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)
 
 Kernel files are named by family (attention.py, gguf.py, xlora.py), never by op: importing a submodule sets it as an
 attribute of this package, which would replace a dispatch function of the same name.
 """
+import functools
+import importlib
 import os
 
-from . import attention_cpu, reference
+from . import reference
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND = os.environ.get("MISTRALRS_KERNELS", "auto")
@@ -21,15 +25,25 @@ if BACKEND not in BACKENDS:
     raise ValueError(f"MISTRALRS_KERNELS={BACKEND!r}; allowed: {', '.join(BACKENDS)}")
 
 
+@functools.cache
+def _module(name: str):
+    """A kernel module, imported on first use: CPU-only users never load triton, and GPU users never build the CPU
+    kernels' C++ extension (cpu_ext.py). Cached: the decode hot path calls this ~300 times a token."""
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 def _use_triton(x) -> bool:
     return BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda)
 
 
+def _cpu(x) -> bool:
+    return BACKEND == "auto" and x.is_cpu
+
+
 def _attention(x):
     if _use_triton(x):
-        from . import attention  # imported on first use: CPU-only users never load triton
-        return attention
-    return reference if BACKEND == "reference" else attention_cpu
+        return _module("attention")
+    return reference if BACKEND == "reference" else _module("attention_cpu")
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -49,16 +63,31 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, cu_s
                                                 sliding_window, softcap)
 
 
+def rms_norm(x, weight, eps, unit_offset=False):
+    """x / rms(x) * weight (Gemma: * (1 + weight)) over the last dim, computed in fp32."""
+    if _cpu(x):
+        return _module("rowwise_cpu").rms_norm(x, weight, eps, unit_offset)
+    return reference.rms_norm(x, weight, eps, unit_offset)
+
+
+def rotary_embedding(q, k, cos, sin):
+    """Rotate-half rotary on q [T, H, D] and k [T, KVH, D] with layers.Rotary's cos and signed sin ([T, 1, r]);
+    returns (q, k), which may be the inputs rotated in place."""
+    if _cpu(q):
+        return _module("rowwise_cpu").rotary_embedding(q, k, cos, sin)
+    return reference.rotary_embedding(q, k, cos, sin)
+
+
 def gguf_matmul(x, qweight, qtype, N, K):
     """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]). Triton's fused dequant-matmul for
     CUDA tensors, the C++ kernel (int8 activations for M < 32, exact f32 dequant + at::mm above) for CPU tensors, of
     the types each supports; the reference (dequantize, then matmul) otherwise."""
     if _use_triton(x):
-        from . import gguf  # imported on first use, like paged_attention
+        gguf = _module("gguf")
         if qtype in gguf.SUPPORTED:
             return gguf.gguf_matmul(x, qweight, qtype, N, K)
-    elif BACKEND == "auto" and x.device.type == "cpu":
-        from . import gguf_cpu  # the first import builds the C++ extension (about a minute) unless it is cached
+    elif _cpu(x):
+        gguf_cpu = _module("gguf_cpu")  # the first import builds the C++ extension (about a minute) unless cached
         if gguf_cpu.UNAVAILABLE is None and qtype in gguf_cpu.SUPPORTED:  # else it warned once, at that import
             return gguf_cpu.gguf_matmul(x, qweight, qtype, N, K)
     return reference.gguf_matmul(x, qweight, qtype, N, K)
@@ -68,9 +97,9 @@ def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
     """X-LoRA delta of one linear, to add to its base output: sum_a scalings[:, a] * adapter_scale[a] *
     (x @ lora_a[a].T @ lora_b[a].T)."""
     if _use_triton(x):
-        from . import xlora
-        return xlora.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
+        return _module("xlora").xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
     return reference.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
 
 
-__all__ = ["store_kv", "paged_attention", "paged_decode_attention", "gguf_matmul", "xlora_mix", "BACKEND", "BACKENDS"]
+__all__ = ["store_kv", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "gguf_matmul",
+           "xlora_mix", "BACKEND", "BACKENDS"]

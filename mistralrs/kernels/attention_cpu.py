@@ -1,5 +1,9 @@
-"""Paged attention for CPU tensors: torch's fused attention (scaled_dot_product_attention, GQA without expanding the
-KV heads) on each sequence's context. Same signatures and results as reference.paged_attention / paged_decode_attention.
+"""Paged attention for CPU tensors. Same signatures and results as reference.paged_attention / paged_decode_attention.
+
+    float32 cache   store_kv and paged_decode_attention: the C++ kernels of attention_cpu.cpp (pages read in place,
+                    all sequences and KV heads in one parallel loop)
+    prefill, other  torch's fused attention (scaled_dot_product_attention, GQA without expanding the KV heads) on
+    dtypes          each sequence's context; store_kv as the reference
 
 Paged KV cache layout as in reference.py: [NB, BS, KVH, D]. A sequence whose blocks are consecutive ids (a sequence
 alone on the cache gets blocks 0, 1, 2, ... from the block manager's free list) is read in place as a strided view of
@@ -8,7 +12,24 @@ the cache; any other is gathered by its blocks.
 import torch
 import torch.nn.functional as F
 
-from .reference import store_kv  # noqa: F401  (writing the new tokens' slots is one index_put either way)
+from . import reference
+from .cpu_ext import ext
+
+F32 = torch.float32
+
+
+def _compiled(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these: float32, a contiguous cache and x's last dim, and the extension built."""
+    return (ext is not None and x.dtype == k_cache.dtype == v_cache.dtype == F32 and x.stride(-1) == 1
+            and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    if _compiled(k, k_cache, v_cache) and v.dtype == F32 and v.stride(-1) == 1:
+        ext.store_kv(k, v, k_cache, v_cache, slot_mapping.contiguous())
+    else:
+        reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def _context(k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: list[int],
@@ -76,6 +97,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                      scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """One new query per sequence (q [B, H, D]): it sees the last min(n, window) tokens, so no mask is needed, and
     a window only narrows the view."""
+    if _compiled(q, k_cache, v_cache):
+        return ext.paged_decode_attention(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
+                                          scale, sliding_window or 0, softcap or 0.0)
     BS = k_cache.shape[1]
     outs = []
     for b, (blocks, n) in enumerate(zip(block_tables.tolist(), context_lens.tolist())):

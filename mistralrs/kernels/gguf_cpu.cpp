@@ -1,5 +1,6 @@
 // CPU GGUF matmul: y[M, N] = x[M, K] @ W[N, K].T with W read straight from its GGUF blocks (AVX2, FMA, F16C).
-// Built by kernels/gguf_cpu.py (torch.utils.cpp_extension.load); the block layouts are in kernels/dequant.py.
+// Built with the other CPU kernels by kernels/cpu_ext.py; called from kernels/gguf_cpu.py; the block layouts are in
+// kernels/dequant.py.
 //
 // Every supported type is read as groups of 32 consecutive weights: one block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or one eighth of
 // a 256-weight block (Q4_K, Q5_K, Q6_K). A type's groups() decodes a block into, per group g,
@@ -346,6 +347,10 @@ void run(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t gemm_t
   else gemv<T>(x, w, y);
 }
 
+}  // namespace
+
+namespace mistralrs_cpu {
+
 // gemm_tile = 0: the gemv path; > 0: the gemm path with tiles of that many rows of W.
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N, int64_t K,
                        int64_t gemm_tile) {
@@ -378,9 +383,4 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gguf_matmul", &gguf_matmul, "y[M, N] = x[M, K] @ W.T, W as GGUF blocks; gemm_tile = 0 for gemv");
-  m.def("cpu_has_avx2", &cpu_has_avx2);
-}
+}  // namespace mistralrs_cpu

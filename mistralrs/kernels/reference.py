@@ -7,6 +7,7 @@ A sequence's block table lists its blocks in order, so its token i sits in slot
 block_table[i // BS] * BS + i % BS.
 """
 import torch
+import torch.nn.functional as F
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -58,6 +59,36 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One new query per sequence (q [B, H, D]): paged_attention's case L_b = 1."""
     return paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, sliding_window,
                            softcap)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, in fp32; Gemma's unit_offset stores w - 1 and scales by (1 + w) before
+    the cast back. Hugging Face's Llama and Gemma RMSNorm to the bit."""
+    dim = weight.shape
+    # F.rms_norm's x * rsqrt(mean(x^2) + eps) * w is Hugging Face's in fewer ops; its weight goes in only in fp32,
+    # where Hugging Face's cast back before multiplying changes nothing.
+    if unit_offset:
+        return F.rms_norm(x.float(), dim, 1.0 + weight.float(), eps).to(x.dtype)
+    if x.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(x, dim, weight, eps)
+    return weight * F.rms_norm(x.float(), dim, None, eps).to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; rotates (x1, x2) halves of the first r = cos.shape[-1] dims: x * cos + (-x2, x1) * sin, written
+    as x * cos + (x2, x1) * (-sin, sin) with the sign in layers.Rotary's table (the same numbers, in half the ops).
+    cos, sin: [T, 1, r]."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + x.roll(r // 2, -1) * sin
+    x_rot = x[..., :r]
+    return torch.cat((x_rot * cos + x_rot.roll(r // 2, -1) * sin, x[..., r:]), dim=-1)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on q [T, H, D] and k [T, KVH, D] (apply_rotary); a faster implementation may rotate them in place."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:

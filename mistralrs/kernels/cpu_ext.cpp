@@ -1,0 +1,27 @@
+// The Python bindings of the CPU kernels (one extension, built by kernels/cpu_ext.py); each is defined in its
+// family's file: gguf_cpu.cpp, attention_cpu.cpp, rowwise_cpu.cpp.
+#include <torch/extension.h>
+
+namespace mistralrs_cpu {
+at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N, int64_t K,
+                       int64_t gemm_tile);
+bool cpu_has_avx2();
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots);
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, double softcap);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset);
+void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+}  // namespace mistralrs_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace mistralrs_cpu;
+  m.def("gguf_matmul", &gguf_matmul, "y[M, N] = x[M, K] @ W.T, W as GGUF blocks; gemm_tile = 0 for gemv");
+  m.def("cpu_has_avx2", &cpu_has_avx2);
+  m.def("store_kv", &store_kv, "k_cache/v_cache[slots] = k, v (float32)");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "one query per sequence against its paged context; window <= 0: none, softcap <= 0: none");
+  m.def("rms_norm", &rms_norm, "x / rms(x) * (w or 1 + w), per row (float32)");
+  m.def("rotary_", &rotary_, "rotate-half rotary on the first cos.size(1) dims of each head, in place (float32)");
+}

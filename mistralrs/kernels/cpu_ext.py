@@ -1,0 +1,55 @@
+"""The compiled CPU kernels: one torch C++ extension made of gguf_cpu.cpp (GGUF matmul), attention_cpu.cpp (decode
+attention, KV writes) and rowwise_cpu.cpp (RMSNorm, rotary), with their bindings in cpu_ext.cpp. AVX2, FMA, F16C.
+
+Build: torch.utils.cpp_extension.load compiles it on first import (about a minute on 2 cores) into the torch
+extensions directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and reuses it after; tools/setup.sh
+builds it at install. On a CPU without AVX2, FMA and F16C nothing is built (and where the build fails, nothing is
+loaded): `ext` is None and UNAVAILABLE says why; the dispatch then warns once and uses the torch paths.
+
+Threads: the kernels split their work with at::parallel_for, so torch.set_num_threads applies. at::parallel_for is
+OpenMP inline in ATen's header: without -fopenmp it compiles to a serial loop (it did, until a 2-thread decode was
+found no faster than 1 thread); with it, the extension binds to the libgomp.so.1 torch has already loaded, so
+torch's thread pool and thread count are the ones used.
+"""
+import logging
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mistralrs")
+HERE = Path(__file__).parent
+SOURCES = [HERE / name for name in ("cpu_ext.cpp", "gguf_cpu.cpp", "attention_cpu.cpp", "rowwise_cpu.cpp")]
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def _load():
+    """The compiled extension (built now unless cached), or the reason it cannot run on this CPU."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None, f"this CPU lacks AVX2/FMA/F16C (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    from torch.utils.cpp_extension import load
+    if shutil.which("ninja") is None:  # pip's ninja outside an activated venv: its binary is not on PATH
+        import ninja
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    # A cached build loads in well under a second; only a real build (about a minute) says so, while it runs.
+    note = threading.Timer(5.0, log.warning, ["mistralrs: building (or checking) the CPU kernels (kernels/*_cpu.cpp): "
+                                              "a first build takes about a minute, then it is cached..."])
+    note.start()
+    try:
+        ext = load("mistralrs_cpu", [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, a broken toolchain: the torch paths still work, so say why and go on
+        return None, f"the C++ build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
+    finally:
+        note.cancel()
+    if not ext.cpu_has_avx2():
+        return None, "this CPU lacks AVX2/FMA/F16C (__builtin_cpu_supports)"
+    return ext, None
+
+
+ext, UNAVAILABLE = _load()
+if UNAVAILABLE is not None:
+    warnings.warn(f"mistralrs: the CPU kernels are unavailable ({UNAVAILABLE}); GGUF matmuls dequantize every weight "
+                  f"on every call (kernels/reference.py) and attention and norms run as plain torch")
