@@ -76,14 +76,18 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None, xlora_revision=None, threads=None):
+             quantized_revision=None, xlora_revision=None, threads=None, prefix_caching=True,
+             max_batched_tokens=2048):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
         tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
         `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's),
         `xlora_revision` (revision of xlora_model_id; default "main"), `threads` (CPU threads of the engine, an
-        int >= 1; default: torch's thread count in the calling thread, at most one per physical core)."""
+        int >= 1; default: torch's thread count in the calling thread, at most one per physical core),
+        `prefix_caching` (reuse the KV blocks of prompt prefixes already computed; default True),
+        `max_batched_tokens` (tokens one step computes at most; longer prompts are prefilled in chunks while the
+        running sequences keep decoding; default 2048)."""
         from .runner import Runner, cpu_threads
 
         o = self.options
@@ -109,7 +113,7 @@ class ArchLoader:
             max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
             repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
-                      threads=threads)
+                      threads=threads, prefix_caching=prefix_caching, max_batched_tokens=max_batched_tokens)
 
     def _normal(self, token, revision, dtype, device) -> "Loaded":
         o, m = self.options, self.module

@@ -75,14 +75,20 @@ class Runner:
     """Created by a loader's load(). Thread-safe: send requests from as many threads as you like."""
 
     def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile: str | None,
-                 threads: int | None = None):
+                 threads: int | None = None, prefix_caching: bool = True, max_batched_tokens: int = 2048):
         if not isinstance(truncate_sequence, bool):
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
         threads = cpu_threads(threads)
         self.pipeline = pipeline
         self.truncate_sequence = truncate_sequence
         mr = pipeline.model_runner
-        self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size), max_seqs, no_kv_cache=mr.no_kv_cache)
+        if not isinstance(prefix_caching, bool):
+            raise TypeError(f"prefix_caching must be a bool, got {prefix_caching!r}")
+        if not isinstance(max_batched_tokens, int) or isinstance(max_batched_tokens, bool) or max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be an int >= 1, got {max_batched_tokens!r}")
+        whole_prompts = getattr(mr.model, "whole_prompt_steps", False)
+        self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size, prefix_caching), max_seqs,
+                                   max_batched_tokens, no_kv_cache=mr.no_kv_cache, chunked=not whole_prompts)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
         self._log = JsonLines(logfile)
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
@@ -135,6 +141,14 @@ class Runner:
             yield prof
         finally:
             self.engine.call(prof.stop)
+
+    def stats(self) -> dict:
+        """Counters of the engine: prefix cache hits (prompt tokens whose K/V were reused / prompt tokens admitted),
+        evictions, cached and free KV blocks, preemptions, running and waiting sequences. Read on the engine thread,
+        so the numbers are of one moment."""
+        out = {}
+        self.engine.call(lambda: out.update(self.scheduler.stats()))
+        return out
 
     def close(self) -> None:
         """Stop the engine thread. Requests still in flight get an error."""

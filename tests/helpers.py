@@ -54,8 +54,9 @@ class Driver:
 
     def __init__(self, runner, max_seqs: int = 8):
         self.mr = runner.pipeline.model_runner
-        self.scheduler = Scheduler(BlockManager(self.mr.num_blocks, self.mr.block_size), max_seqs,
-                                   no_kv_cache=self.mr.no_kv_cache)
+        # every step computes all of its sequences' uncached tokens: no cached prefixes, no chunks
+        self.scheduler = Scheduler(BlockManager(self.mr.num_blocks, self.mr.block_size, prefix_caching=False),
+                                   max_seqs, max_batched_tokens=1 << 30, no_kv_cache=self.mr.no_kv_cache)
 
     def step(self, seqs, all_logits=False):
         """One step of exactly these sequences; those not yet scheduled are added."""
@@ -63,9 +64,9 @@ class Driver:
         for s in seqs:
             if s not in sched.running and s not in sched.waiting:
                 sched.add(s)
-        batch, too_long = sched.schedule()
-        assert batch == seqs and not too_long, "the test's sequences must fit the KV cache together"
-        return self.mr.step(batch, sched.block_tables(batch), all_logits=all_logits)
+        step = sched.schedule()
+        assert step.seqs == seqs and not step.too_long, "the test's sequences must fit the KV cache together"
+        return self.mr.step(step.seqs, sched.block_tables(step.seqs), step.num_tokens, all_logits=all_logits)
 
     def finish(self, *seqs):
         for s in seqs:

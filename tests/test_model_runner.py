@@ -31,7 +31,7 @@ def slot(table, p):
 def test_decode_metadata():
     tables = [[7], [3, 9, 2], [5, 1]]
     seqs = [seq(range(100, 103), 2), seq(range(200, 211), 10), seq(range(300, 305), 4)]
-    ids, positions, meta = runner().metadata(seqs, tables)
+    ids, positions, meta = runner().metadata(seqs, tables, [len(s.tokens) for s in seqs])
     assert ids.tolist() == [102, 210, 304] and positions.tolist() == [2, 10, 4]
     assert meta.slot_mapping.tolist() == [slot(t, p) for t, p in zip(tables, [2, 10, 4])] == [30, 10, 4]
     assert meta.block_tables.tolist() == [[7, 0, 0], [3, 9, 2], [5, 1, 0]]
@@ -44,7 +44,7 @@ def test_decode_metadata():
 def test_mixed_prefill_and_decode_metadata():
     tables = [[4, 6], [8]]
     seqs = [seq(range(10, 16), 0), seq(range(20, 23), 2)]  # a 6-token prefill across a block boundary, a decode
-    ids, positions, meta = runner().metadata(seqs, tables)
+    ids, positions, meta = runner().metadata(seqs, tables, [len(s.tokens) for s in seqs])
     assert ids.tolist() == [10, 11, 12, 13, 14, 15, 22]
     assert positions.tolist() == [0, 1, 2, 3, 4, 5, 2]
     assert meta.slot_mapping.tolist() == [16, 17, 18, 19, 24, 25, 34]

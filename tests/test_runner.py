@@ -66,13 +66,17 @@ def test_greedy_completion_and_chat_match_transformers(tiny_models, arch):
     assert chat.usage.prompt_tokens == len(chat_ids)
 
 
-def test_concurrent_requests_with_preemption_equal_solo_runs(tiny_models):
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["no_prefix_cache", "prefix_cache"])
+def test_concurrent_requests_with_preemption_equal_solo_runs(tiny_models, prefix_caching):
     prompts = [(PROMPT * 3)[: 15 + 7 * (i % 9)] for i in range(64)]
     requests = [CompletionRequest(p, "tiny", max_tokens=6 + 3 * (i % 7), temperature=0) for i, p in enumerate(prompts)]
-    with load(tiny_models["llama"], max_seqs=1) as solo:
+    with load(tiny_models["llama"], max_seqs=1, prefix_caching=False) as solo:
         expected = [json.loads(solo.send_completion_request(r))["choices"][0]["text"] for r in requests]
-    # 4 running sequences need up to 4 * 96 tokens; 160 tokens of cache forces preemption and recompute.
-    with load(tiny_models["llama"], max_seqs=4, kv_cache_tokens=160, block_size=8) as runner:
+    # 4 running sequences need up to 4 * 96 tokens; 160 tokens of cache forces preemption and recompute (the
+    # prompts share prefixes: with prefix caching they share blocks, and 96 tokens of cache are needed to preempt).
+    kv_tokens = 96 if prefix_caching else 160
+    with load(tiny_models["llama"], max_seqs=4, kv_cache_tokens=kv_tokens, block_size=8,
+              prefix_caching=prefix_caching) as runner:
         results = [None] * 64
 
         def worker(k):
@@ -86,7 +90,10 @@ def test_concurrent_requests_with_preemption_equal_solo_runs(tiny_models):
         for t in threads:
             t.join()
         elapsed = time.time() - start
-        assert runner.scheduler.preemptions > 0
+        stats = runner.stats()
+        assert stats["preemptions"] > 0
+        assert (stats["prefix_cache_hit_tokens"] > 0) == prefix_caching
+        assert stats["free_blocks"] == stats["num_blocks"]  # every reference released once idle
     tokens = sum(r["usage"]["completion_tokens"] for r in results)
     print(f"\n64 requests, 8 threads, max_seqs=4: {tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:.1f} tok/s")
     assert [r["choices"][0]["text"] for r in results] == expected

@@ -1,5 +1,5 @@
-"""The scheduler alone, with sequences that are only token lists and no model: admission, the prefill budget, block
-growth, preemption, too-long sequences and no_kv_cache."""
+"""The scheduler alone, with sequences that are only token lists and no model: admission, the step's token budget and
+chunked prefill, block growth, preemption, too-long sequences, no_kv_cache, and prefix caching's admission."""
 from mistralrs.engine.block_manager import BlockManager
 from mistralrs.engine.model_runner import SeqState
 from mistralrs.engine.scheduler import Scheduler
@@ -9,19 +9,21 @@ def seq(n_tokens: int) -> SeqState:
     return SeqState(list(range(1, n_tokens + 1)))
 
 
-def scheduler(num_blocks: int, block_size: int, **kw) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), **{"max_seqs": 8, **kw})
+def scheduler(num_blocks: int, block_size: int, prefix_caching: bool = False, **kw) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), **{"max_seqs": 8, **kw})
 
 
 def run(sched: Scheduler) -> list[SeqState]:
-    """One engine step without a model: schedule, then each scheduled sequence has its tokens cached and one more."""
-    batch, too_long = sched.schedule()
-    assert not too_long
-    for s in batch:
-        assert len(sched.blocks.table(s)) == sched.blocks.blocks_for(len(s.tokens))  # room for every token
-        s.num_cached = len(s.tokens)
-        s.tokens.append(0)
-    return batch
+    """One engine step without a model: schedule, then each scheduled sequence has its step's tokens cached, and
+    one more token once its whole prompt is."""
+    step = sched.schedule()
+    assert not step.too_long
+    for s, n in zip(step.seqs, step.num_tokens):
+        assert len(sched.blocks.table(s)) == sched.blocks.blocks_for(s.num_cached + n)  # room for its tokens
+        s.num_cached += n
+        if s.num_cached == len(s.tokens):
+            s.tokens.append(0)
+    return step.seqs
 
 
 def test_admission_by_max_seqs():
@@ -47,15 +49,37 @@ def test_admission_by_free_blocks_in_arrival_order():
     assert run(sched) == [b, c]
 
 
-def test_prefill_token_budget():
-    sched = scheduler(64, 4, max_prefill_tokens=10)
+def test_whole_prompt_token_budget():
+    """chunked=False (X-LoRA freezing its scalings): prompts are prefilled whole, one over the budget alone."""
+    sched = scheduler(64, 4, max_batched_tokens=10, chunked=False)
     a, b, c = seq(6), seq(6), seq(30)
     for s in (a, b):
         sched.add(s)
     assert run(sched) == [a]  # 6 + 6 > 10
     assert run(sched) == [a, b]  # a decodes one token, b prefills its 6
     sched.add(c)
-    assert run(sched) == [a, b, c]  # over budget, but a step's first prefill is always admitted
+    assert run(sched) == [a, b, c] and c.num_cached == 30  # over budget, but a step's first prefill is admitted
+
+
+def test_chunked_prefill_keeps_decodes_running():
+    """A long prompt is prefilled budget-sized chunk by chunk; the decodes run in every step; a step never computes
+    more than max_batched_tokens tokens."""
+    sched = scheduler(64, 4, max_batched_tokens=10)
+    a, b, long = seq(3), seq(3), seq(40)
+    for s in (a, b):
+        sched.add(s)
+    run(sched)
+    sched.add(long)
+    chunks = []
+    while len(long.tokens) == 40:
+        step = sched.schedule()
+        assert step.seqs[:2] == [a, b] and sum(step.num_tokens) <= 10
+        chunks.append(dict(zip(step.seqs, step.num_tokens)).get(long, 0))
+        for s, n in zip(step.seqs, step.num_tokens):
+            s.num_cached += n
+            if s.num_cached == len(s.tokens):
+                s.tokens.append(0)
+    assert chunks == [8, 8, 8, 8, 8] and long.num_cached == 40
 
 
 def test_decode_grows_the_block_table_across_a_block_boundary():
@@ -109,8 +133,8 @@ def test_an_over_long_sequence_alone_is_reported_too_long():
     a = seq(4)
     sched.add(a)
     run(sched)  # holds the whole cache
-    batch, too_long = sched.schedule()  # its 5th token can never fit
-    assert batch == [] and too_long == [a]
+    step = sched.schedule()  # its 5th token can never fit
+    assert step.seqs == [] and step.too_long == [a]
     assert sched.preemptions == 0 and sched.running == [a] and len(sched.blocks.table(a)) == 2
     sched.remove(a)  # the engine finishes it ("length")
     assert sched.blocks.num_free == 2 and not sched.has_work()
@@ -134,7 +158,7 @@ def test_no_kv_cache_recomputes_the_whole_context_every_step():
         sched.add(s)
     run(sched)
     for _ in range(4):
-        batch, _ = sched.schedule()
+        batch = sched.schedule().seqs
         assert batch == [a, b]
         assert [s.num_cached for s in batch] == [0, 0]  # the model runs every token again
         held = [len(sched.blocks.table(s)) for s in batch]
@@ -143,3 +167,28 @@ def test_no_kv_cache_recomputes_the_whole_context_every_step():
         for s in batch:
             s.num_cached = len(s.tokens)
             s.tokens.append(0)
+
+
+def test_prefix_caching_admits_the_cached_prefix():
+    """A second sequence with the same first 8 tokens starts with their 2 blocks and computes the rest; one with the
+    same prompt waits a step if the first computes those blocks in the same step, then shares them."""
+    sched = scheduler(16, 4, prefix_caching=True)
+    a = SeqState(list(range(1, 11)))  # 10 tokens: 2 full blocks + 2
+    sched.add(a)
+    run(sched)
+    b = SeqState(list(range(1, 9)) + [99, 98, 97])  # shares a's 2 full blocks
+    sched.add(b)
+    step = sched.schedule()
+    assert step.seqs == [a, b] and step.num_tokens == [1, 3] and b.num_cached == 8
+    assert sched.blocks.table(b)[:2] == sched.blocks.table(a)[:2]
+    assert sched.blocks.refs[sched.blocks.table(a)[0]] == 2
+
+
+def test_prefix_sharing_waits_for_the_block_being_computed():
+    sched = scheduler(16, 4, prefix_caching=True)
+    a, b = SeqState(list(range(1, 11))), SeqState(list(range(1, 11)))  # choices of one request
+    sched.add(a)
+    sched.add(b)
+    assert run(sched) == [a]  # b's first block is being computed by a: b waits
+    step = sched.schedule()
+    assert step.seqs == [a, b] and step.num_tokens == [1, 2] and b.num_cached == 8

@@ -91,16 +91,17 @@ def decode(model, shape: dict, dtype, device, B: int, prompt: int, steps: int) -
                  for _ in range(shape["num_hidden_layers"])]
     runner = ModelRunner(model, kv_caches, device)
     # The engine's own scheduler allocates the blocks; its prefill budget admits the whole batch in one step.
-    scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE), max_seqs=B, max_prefill_tokens=B * prompt)
+    scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=False), max_seqs=B,
+                          max_batched_tokens=B * prompt)
     g = torch.Generator().manual_seed(B)
     seqs = [SeqState(tokens=torch.randint(0, shape["vocab_size"], (prompt,), generator=g).tolist()) for _ in range(B)]
     for s in seqs:
         scheduler.add(s)
 
     def step():
-        batch, too_long = scheduler.schedule()
-        assert batch == seqs and not too_long, "the batch must fit its KV cache"
-        return runner.step(batch, scheduler.block_tables(batch))
+        batch = scheduler.schedule()
+        assert batch.seqs == seqs and not batch.too_long, "the batch must fit its KV cache"
+        return runner.step(batch.seqs, scheduler.block_tables(batch.seqs), batch.num_tokens)
     sync(device)
     t = time.perf_counter()
     logits = step()

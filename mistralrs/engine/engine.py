@@ -99,14 +99,21 @@ class Engine:
 
     def _step(self) -> None:
         with phase("mistralrs.schedule"):
-            batch, too_long = self.scheduler.schedule()
-            for seq in too_long:
+            step = self.scheduler.schedule()
+            for seq in step.too_long:
                 self._finish(seq, "length")
-        if not batch:
+        if not step.seqs:
             return
         try:
             with phase("mistralrs.forward"):
-                logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch))
+                batch = step.seqs
+                logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch), step.num_tokens)
+                # a prompt prefilled in chunks samples only after its last chunk
+                done = [i for i, s in enumerate(batch) if s.num_cached == len(s.tokens)]
+                if len(done) < len(batch):
+                    batch, logits = [batch[i] for i in done], logits[done]
+            if not batch:
+                return
             with phase("mistralrs.sample"):
                 n = self.pipeline.repeat_last_n
                 allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
@@ -123,7 +130,7 @@ class Engine:
                         self._send(seq.group, self.output.chunk(seq))
         except Exception as e:  # a failed step fails only the requests it touched
             log.exception("engine step failed")
-            for req in {s.group for s in batch}:
+            for req in {s.group for s in step.seqs}:
                 if not req.answered:
                     self._fail(req, e)
 

@@ -34,19 +34,20 @@ class ModelRunner:
         self.forward = model.step if hasattr(model, "step") else (
             lambda ids, positions, meta, kv_caches, seqs: model(ids, positions, meta, kv_caches))
 
-    def metadata(self, seqs: list[SeqState], block_tables: list[list[int]]
+    def metadata(self, seqs: list[SeqState], block_tables: list[list[int]], lens: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Input ids, positions and attention metadata for every sequence's uncached tokens. On the decode hot path
-        (one new token per sequence) each list is one pass over the sequences, with no per-token loop."""
-        BS, lens = self.block_size, [len(s.tokens) for s in seqs]
+        """Input ids, positions and attention metadata for tokens num_cached .. lens[i] - 1 of each sequence (all
+        its uncached tokens, or a chunk of a prompt). On the decode hot path (one new token per sequence) each list
+        is one pass over the sequences, with no per-token loop."""
+        BS = self.block_size
         new = [n - s.num_cached for s, n in zip(seqs, lens)]
-        if new.count(1) == len(new):  # decode
-            ids = [s.tokens[-1] for s in seqs]
+        if new.count(1) == len(new):  # decode (or chunks of one token)
+            ids = [s.tokens[n - 1] for s, n in zip(seqs, lens)]
             positions = [n - 1 for n in lens]
             slots = [table[p // BS] * BS + p % BS for table, p in zip(block_tables, positions)]
             cu = list(range(len(seqs) + 1))
         else:
-            ids = [t for s in seqs for t in s.tokens[s.num_cached:]]
+            ids = [t for s, n in zip(seqs, lens) for t in s.tokens[s.num_cached:n]]
             positions = [p for s, n in zip(seqs, lens) for p in range(s.num_cached, n)]
             slots = [table[p // BS] * BS + p % BS
                      for s, n, table in zip(seqs, lens, block_tables) for p in range(s.num_cached, n)]
@@ -69,13 +70,16 @@ class ModelRunner:
         return x if self.device.type == "cpu" else x.to(self.device)
 
     @torch.inference_mode()
-    def step(self, seqs: list[SeqState], block_tables: list[list[int]], all_logits: bool = False) -> torch.Tensor:
-        """Run every sequence's uncached tokens; logits [B, V] at each last token, or [T, V] for all new tokens.
-        block_tables[i]: the blocks of seqs[i], enough for all its tokens."""
-        ids, positions, meta = self.metadata(seqs, block_tables)
+    def step(self, seqs: list[SeqState], block_tables: list[list[int]], num_tokens: list[int] | None = None,
+             all_logits: bool = False) -> torch.Tensor:
+        """Run the next num_tokens[i] uncached tokens of each sequence (default: all); logits [B, V] at each one's
+        last computed token, or [T, V] for all of them. block_tables[i]: the blocks of seqs[i], enough for them."""
+        lens = ([len(s.tokens) for s in seqs] if num_tokens is None
+                else [s.num_cached + n for s, n in zip(seqs, num_tokens)])
+        ids, positions, meta = self.metadata(seqs, block_tables, lens)
         hidden = self.forward(ids, positions, meta, self.kv_caches, seqs)
         if not all_logits and not meta.is_decode:  # in a decode step every token is its sequence's last already
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: the last new token of each sequence
-        for s in seqs:
-            s.num_cached = len(s.tokens)
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
         return self.model.logits(hidden)

@@ -123,6 +123,14 @@ class XLoraCausalLM(nn.Module):
         self.base, self.classifier, self.ctx, self.cfg = base, classifier, ctx, cfg
         self.tgt_non_granular_index = tgt_non_granular_index
 
+    @property
+    def whole_prompt_steps(self) -> bool:
+        """Whether step() must see a sequence's whole prompt in its first step: it freezes the scalings at a prompt
+        position (tgt_non_granular_index), found from the first step's tokens. The scheduler then neither chunks
+        prompts nor starts sequences from a cached prefix (engine/scheduler.py). Per-token scalings need neither:
+        a token's K/V depend only on the tokens up to it, as in the base model."""
+        return self.tgt_non_granular_index is not None
+
     def step(self, input_ids, positions, meta, kv_caches, seqs) -> torch.Tensor:
         """The model runner's call, with the batch's sequences (their tokens, num_cached and model_state).
         tgt_non_granular_index freezes the scalings per sequence: the token at position p = prompt_len - 1 + tgt
