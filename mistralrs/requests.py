@@ -100,23 +100,41 @@ class _SamplingFields:
                 _check_int("logit_bias key", k, 0, optional=False)
                 _check_float(f"logit_bias[{k}]", v, -100.0, 100.0)
 
+    GRAMMAR_TYPES = ("regex", "json_schema", "lark", "gbnf")
+
+    def _check_stops_and_grammar(self):
+        stop_seqs, grammar, grammar_type = self.stop_seqs, self.grammar, self.grammar_type
+        if stop_seqs is not None and (not isinstance(stop_seqs, (list, tuple))
+                                      or not all(isinstance(s, str) and s for s in stop_seqs)):
+            raise TypeError(f"stop_seqs must be a list of non-empty str or None, got {stop_seqs!r}")
+        if (grammar is None) != (grammar_type is None):
+            raise ValueError("grammar and grammar_type must be given together")
+        if grammar_type is not None and grammar_type not in self.GRAMMAR_TYPES:
+            raise ValueError(f"grammar_type must be one of {', '.join(self.GRAMMAR_TYPES)}, got {grammar_type!r}")
+        if grammar is not None and not isinstance(grammar, str):
+            raise TypeError(f"grammar must be a str, got {grammar!r}")
+
 
 class ChatCompletionRequest(_SamplingFields):
     """An OpenAI chat request. `messages` is a list of {"role", "content"} dicts, or a plain string used as the raw
-    prompt without a chat template. `seed` (keyword-only) makes sampling reproducible."""
+    prompt without a chat template. Keyword-only extensions: `seed` makes sampling reproducible; `stop_seqs`,
+    `grammar` and `grammar_type` are CompletionRequest's (the server's `stop` and `response_format`)."""
 
     ROLES = ("system", "user", "assistant", "tool")
 
     def __init__(self, messages, model, logprobs=False, n_choices=1, logit_bias=None, top_logprobs=None,
                  max_tokens=None, presence_penalty=None, frequency_penalty=None, stop_token_ids=None,
-                 temperature=None, top_p=None, top_k=None, stream=False, *, seed=None):
+                 temperature=None, top_p=None, top_k=None, stream=False, *, seed=None, stop_seqs=None, grammar=None,
+                 grammar_type=None):
         self.messages, self.model, self.logprobs, self.n_choices = messages, model, logprobs, n_choices
+        self.stop_seqs, self.grammar, self.grammar_type = stop_seqs, grammar, grammar_type
         self.logit_bias, self.top_logprobs, self.max_tokens = logit_bias, top_logprobs, max_tokens
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.stop_token_ids, self.temperature, self.top_p, self.top_k = stop_token_ids, temperature, top_p, top_k
         self.stream, self.seed = stream, seed
         self._check_sampling()
         self._check_messages()
+        self._check_stops_and_grammar()
         _check_bool("logprobs", logprobs)
         _check_int("top_logprobs", top_logprobs, 0)
         if top_logprobs is not None and top_logprobs > 20:
@@ -148,8 +166,6 @@ class CompletionRequest(_SamplingFields):
     """An OpenAI completion request. API.md lists `best_of` both third and as `best_of = 1`: it is the third
     positional parameter with default 1. `seed` and `stream` are keyword-only extensions."""
 
-    GRAMMAR_TYPES = ("regex", "json_schema", "lark", "gbnf")
-
     def __init__(self, prompt, model, best_of=1, echo_prompt=False, logit_bias=None, max_tokens=None, n_choices=1,
                  presence_penalty=None, frequency_penalty=None, stop_seqs=None, temperature=None, top_p=None,
                  top_k=None, suffix=None, grammar=None, grammar_type=None, *, seed=None, stream=False):
@@ -163,17 +179,9 @@ class CompletionRequest(_SamplingFields):
             raise ValueError(f"prompt must be a non-empty str, got {prompt!r}")
         _check_int("best_of", best_of, 1, optional=False)
         _check_bool("echo_prompt", echo_prompt)
-        if stop_seqs is not None and (not isinstance(stop_seqs, (list, tuple))
-                                      or not all(isinstance(s, str) and s for s in stop_seqs)):
-            raise TypeError(f"stop_seqs must be a list of non-empty str or None, got {stop_seqs!r}")
         if suffix is not None and not isinstance(suffix, str):
             raise TypeError(f"suffix must be a str or None, got {suffix!r}")
-        if (grammar is None) != (grammar_type is None):
-            raise ValueError("grammar and grammar_type must be given together")
-        if grammar_type is not None and grammar_type not in self.GRAMMAR_TYPES:
-            raise ValueError(f"grammar_type must be one of {', '.join(self.GRAMMAR_TYPES)}, got {grammar_type!r}")
-        if grammar is not None and not isinstance(grammar, str):
-            raise TypeError(f"grammar must be a str, got {grammar!r}")
+        self._check_stops_and_grammar()
 
     def __repr__(self):
         return f"CompletionRequest({vars(self)!r})"

@@ -111,7 +111,9 @@ class Runner:
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
         req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=[], logprobs=request.logprobs)
+                         stop_token_ids=request.stop_token_ids or [], stop_strings=list(request.stop_seqs or []),
+                         logprobs=request.logprobs)
+        self._grammar(req, request)
         return self._submit(req, request)
 
     def send_completion_request(self, request: CompletionRequest):
@@ -125,11 +127,14 @@ class Runner:
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
                          stop_token_ids=[], stop_strings=list(request.stop_seqs or []), logprobs=False)
         req.echo = request.prompt if request.echo_prompt else ""
+        self._grammar(req, request)
+        req.suffix = request.suffix or ""
+        return self._submit(req, request)
+
+    def _grammar(self, req: Request, request) -> None:
         if request.grammar is not None:
             for seq in req.seqs:
                 seq.matcher = self.grammars.matcher(request.grammar, request.grammar_type)
-        req.suffix = request.suffix or ""
-        return self._submit(req, request)
 
     @contextlib.contextmanager
     def profiler(self, **profile_kwargs):
