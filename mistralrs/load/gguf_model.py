@@ -63,6 +63,8 @@ def map_names(names: dict, gfile: GGUFFile, expected: dict[str, tuple]) -> dict[
         if target is None or suffix not in ("weight", "bias"):
             raise ValueError(f"{gfile.path}: tensor {gname!r} is not part of a {gfile.metadata['general.architecture']}"
                              f" model as mistralrs knows it")
+        if isinstance(target, dict):  # a name whose meaning depends on the architecture (Gemma's ffn_norm)
+            target = target[gfile.metadata["general.architecture"]]
         if isinstance(target, tuple):  # fused rows, e.g. q | k | v
             parts = [f"{t.format(**fmt)}.{suffix}" for t in target]
             out.update(zip(parts, _split_rows(raw, [expected.get(p, (0,))[0] for p in parts])))
