@@ -242,7 +242,11 @@ def _init(name: str, shape: tuple[int, ...], arch: str, seed: int) -> torch.Tens
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     if "norm" in name and name.endswith(".weight"):
-        # Gemma's RMSNorm scales by (1 + w), so its stored weights sit near 0; everyone else's near 1.
+        # Gemma's RMSNorm scales by (1 + w), so its stored weights sit near 0; everyone else's near 1. Gemma 2 and
+        # 3 norm each sublayer's output too: scaled by ~3 there, the sublayers outweigh the embedding in the
+        # residual stream, and greedy decoding wanders instead of echoing the tied embedding's nearest token.
+        if arch in ("gemma2", "gemma3") and ".post_" in name:
+            return 2.0 + 0.1 * noise
         return 0.1 * noise if arch.startswith("gemma") else 1.0 + 0.1 * noise
     if name.endswith(".bias"):
         return 0.1 * noise
