@@ -26,17 +26,18 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 32
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,"]
 
-# Greedy texts of PROMPTS (argv[2], JSON) from a file (argv[1]: a GGUF path, or a checkpoint folder), one request at
-# a time, printed as JSON: run in a fresh interpreter so that MISTRALRS_KERNELS applies from the first import.
+# Greedy texts of PROMPTS (argv[2], JSON) from a file (argv[1]: a GGUF path, or a checkpoint folder) through the
+# loader argv[4], one request at a time, printed as JSON: run in a fresh interpreter so that MISTRALRS_KERNELS applies
+# from the first import.
 GREEDY = """
 import json, sys
 import mistralrs
-path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+path, prompts, n, arch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), getattr(mistralrs, sys.argv[4])
 if path.endswith(".gguf"):
-    loader = mistralrs.QuantizedLoader(mistralrs.LlamaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+    loader = mistralrs.QuantizedLoader(arch, model_id=None, is_gguf=True, quantized_model_id="",
                                        quantized_filename=path)
 else:
-    loader = mistralrs.NormalLoader(mistralrs.LlamaLoader, model_id=path)
+    loader = mistralrs.NormalLoader(arch, model_id=path)
 with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
     out = [json.loads(runner.send_completion_request(mistralrs.CompletionRequest(
         p, "t", max_tokens=n, temperature=0)))["choices"][0]["text"] for p in prompts]
@@ -110,8 +111,8 @@ def _python(code: str, *args, **env) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def greedy(path: Path, prompts: list[str], **env) -> list[str]:
-    return json.loads(_python(GREEDY, path, json.dumps(prompts), TOKENS, **env))
+def greedy(path: Path, prompts: list[str], loader: str = "LlamaLoader", **env) -> list[str]:
+    return json.loads(_python(GREEDY, path, json.dumps(prompts), TOKENS, loader, **env))
 
 
 def test_q4_1_greedy_equals_reference_kernels_and_dequantized_model(q4_1, hf_f32):
@@ -164,6 +165,11 @@ def gemma3() -> Path:
 @pytest.fixture(scope="module")
 def gemma3_f32() -> Path:
     return _fetch("gemma3_f32")
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf() -> Path:
+    return _fetch("gemma3_hf_f32")
 
 
 def _margin(logits) -> float:
@@ -257,3 +263,39 @@ def test_gemma3_f32_logits_equal_llama_cpp(gemma3_f32):
                   f"{agree}/{TOKENS} greedy tokens agree")
             assert diff < 0.05
             assert agree == TOKENS or margins[agree] < 0.05
+
+
+def test_gemma3_reference_kernels_equal_dequantized_checkpoint(gemma3, gemma3_hf):
+    """The Q4_K_M file through the torch-reference kernels (dequantize, then matmul) gives the greedy text of the
+    float32 safetensors checkpoint whose weights gguf-py dequantized (no dequantizer of ours involved)."""
+    ours = greedy(gemma3, GEMMA_PROMPTS[:3], "GemmaLoader", MISTRALRS_KERNELS="reference")
+    assert all(ours) and ours == greedy(gemma3_hf, GEMMA_PROMPTS[:3], "GemmaLoader")
+
+
+def test_gemma3_f32_checkpoint_equals_transformers(gemma3_hf):
+    """The float32 checkpoint through NormalLoader: transformers' logits (also past the sliding window) and greedy
+    text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(gemma3_hf, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(gemma3_hf)
+    with mistralrs.NormalLoader(mistralrs.GemmaLoader, model_id=str(gemma3_hf)).load(
+            token_source="none", kv_cache_tokens=1024) as runner:
+        for prompt in [*GEMMA_PROMPTS[:3], _long_prompt()]:
+            ids = tok(prompt).input_ids
+            assert runner.pipeline.tokenizer.encode(prompt).ids == ids
+            d, seq = Driver(runner), SeqState(list(ids))
+            ours = d.step([seq], all_logits=True)
+            d.finish(seq)
+            with torch.inference_mode():
+                theirs = model(torch.tensor([ids])).logits[0]
+            diff = (ours - theirs).abs().max().item()
+            print(f"{prompt[:60]!r} ({len(ids)} tokens): max |logits - transformers| = {diff:.1e}")
+            assert diff < 2e-4  # measured 3e-5 to 5e-5
+        for prompt in GEMMA_PROMPTS[:2]:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=TOKENS, do_sample=False)
+            theirs = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            ours = json.loads(runner.send_completion_request(CompletionRequest(
+                prompt, "gemma", max_tokens=TOKENS, temperature=0)))["choices"][0]["text"]
+            assert ours == theirs
