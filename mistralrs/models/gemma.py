@@ -82,14 +82,9 @@ class GemmaArgs(ModelArgs):
         fields["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
         if kind == "gemma":
             return cls(**fields)
-        n = fields["num_hidden_layers"]
-        pattern = 2 if kind == "gemma2" else cfg["sliding_window_pattern"]
-        types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
-        if len(types) != n or not set(types) <= {SLIDING, FULL}:
-            raise ValueError(f"config.json layer_types must be {n} of {SLIDING!r} / {FULL!r}, got {types}")
         args = cls(**fields, sandwich_norms=True, query_pre_attn_scalar=cfg["query_pre_attn_scalar"],
                    final_logit_softcapping=cfg["final_logit_softcapping"], sliding_window=cfg["sliding_window"],
-                   layer_types=types)
+                   layer_types=_hf_layer_types(cfg, fields["num_hidden_layers"], 2 if kind == "gemma2" else None))
         if kind == "gemma2":
             args.attn_logit_softcapping = cfg["attn_logit_softcapping"]
         else:  # transformers' and llama.cpp's Gemma 3 ignore attn_logit_softcapping, so we do too
@@ -104,8 +99,8 @@ class GemmaArgs(ModelArgs):
         if arch == "gemma":
             return args
         # llama.cpp fixes these per architecture: a sliding window on every other layer (gemma2) or on five of
-        # six (gemma3), the sliding layers' rope base 10000 (gemma3), and the query scale 1/sqrt(head_dim), but
-        # 1/sqrt(hidden / heads) for the 27B models (46 and 62 layers).
+        # six (gemma3), the sliding layers' rope base (gemma3: 10000, unless the file has rope.freq_base_swa), and
+        # the query scale 1/sqrt(head_dim), but 1/sqrt(hidden / heads) for the 27B models (46 and 62 layers).
         n, gemma2 = args.num_hidden_layers, arch == "gemma2"
         pattern, big = (2, n == 46) if gemma2 else (6, n == 62)
         args.sandwich_norms, args.qk_norm = True, not gemma2
@@ -123,6 +118,16 @@ class GemmaArgs(ModelArgs):
 
 
 Args = GemmaArgs
+
+
+def _hf_layer_types(cfg: dict, n: int, pattern: int | None) -> list[str]:
+    """SLIDING or FULL per layer: config.json's layer_types, else one FULL layer in each `pattern` (Gemma 3: its
+    sliding_window_pattern), the last."""
+    pattern = pattern or cfg["sliding_window_pattern"]
+    types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    if len(types) != n or not set(types) <= {SLIDING, FULL}:
+        raise ValueError(f"config.json layer_types must be {n} of {SLIDING!r} / {FULL!r}, got {types}")
+    return types
 
 
 def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
