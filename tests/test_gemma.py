@@ -4,6 +4,7 @@ transformers parses it and shown to matter, the Gemma 3 image-text checkpoint's 
 and configs the GGUF format cannot carry."""
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import mistralrs
+from mistralrs import CompletionRequest
 from mistralrs.engine.model_runner import SeqState
 from mistralrs.models import gemma
 
 import convert_to_gguf
-from helpers import Driver, all_logits, hf_greedy, hf_model, load, prompt_ids
+from helpers import PROMPT, Driver, all_logits, hf_greedy, hf_model, load, prompt_ids
 
 TOL = 1e-5
 
@@ -55,6 +57,29 @@ def test_batched_ragged_decode(tiny_models):
     d.finish(a, b)
     for seq, row in ((ids[:30], together[0]), (ids, together[1])):
         assert (all_logits(runner, seq)[-1] - row).abs().max().item() <= TOL
+
+
+def test_concurrent_requests_with_preemption_equal_solo_runs(tiny_models):
+    """Batched prefill and decode, preemption and recompute over a cache too small for all: the same greedy texts
+    as one request at a time (every prompt longer than the window)."""
+    prompts = [(PROMPT * 2)[: 60 + 17 * i] for i in range(8)]
+    requests = [CompletionRequest(p, "tiny", max_tokens=12, temperature=0) for p in prompts]
+    with load(tiny_models["gemma3"], "gemma3", max_seqs=1) as solo:
+        expected = [json.loads(solo.send_completion_request(r))["choices"][0]["text"] for r in requests]
+    with load(tiny_models["gemma3"], "gemma3", max_seqs=4, kv_cache_tokens=128, block_size=8) as runner:
+        results = [None] * len(requests)
+
+        def worker(k):
+            for i in range(k, len(requests), 4):
+                results[i] = json.loads(runner.send_completion_request(requests[i]))["choices"][0]["text"]
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert runner.scheduler.preemptions > 0
+    assert results == expected
 
 
 def edited_copy(src, dst, **edits):
