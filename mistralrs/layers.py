@@ -97,7 +97,7 @@ class Rotary:
         self._inv_freq, self._tables = value, {}
 
     def _table(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """[n, 2, rotary_dim]: cos, and sin signed for rotate-half (-sin on the first half, see kernels.reference.apply_rotary)."""
+        """[n, 2, rotary_dim]: cos, and sin signed for rotate-half (-sin on the first half; reference.apply_rotary)."""
         positions = torch.arange(n, dtype=torch.int64, device=device).float()
         freqs = positions[:, None] * self.inv_freq.to(device)[None, :]  # [n, rotary_dim / 2], as Hugging Face's
         cos, sin = torch.cat((freqs, freqs), dim=-1).cos(), freqs.sin()
@@ -130,7 +130,10 @@ class Fused:
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qkv_bias: bool = False,
-                 o_bias: bool = False, sliding_window: int | None = None, softcap: float | None = None):
+                 o_bias: bool = False, sliding_window: int | None = None, softcap: float | None = None,
+                 scale: float | None = None, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
+        """scale defaults to head_dim^-0.5; q_norm / k_norm (Gemma 3) normalize each head of q and k before the
+        rotary."""
         super().__init__()
         if n_heads % n_kv_heads:
             raise ValueError(f"num_attention_heads ({n_heads}) must be a multiple of num_key_value_heads ({n_kv_heads})")
@@ -139,7 +142,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.sliding_window = sliding_window
         self.softcap = softcap
         self.qkv: Fused | None = None  # q, k, v as one product, set at load (linears.fuse_projections)
@@ -151,8 +155,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k = kernels.rotary_embedding(q.view(T, self.n_heads, self.head_dim),  # [T, H, D]
-                                        k.view(T, self.n_kv_heads, self.head_dim), cos, sin)  # [T, KVH, D]
+        q, k = q.view(T, self.n_heads, self.head_dim), k.view(T, self.n_kv_heads, self.head_dim)  # [T, H|KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.rotary_embedding(q, k, cos, sin)
         v = v.view(T, self.n_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -240,10 +246,14 @@ class ParallelBlock(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Embedding -> blocks -> final norm -> lm_head, with Hugging Face's module names (model.*, lm_head)."""
+    """Embedding -> blocks -> final norm -> lm_head, with Hugging Face's module names (model.*, lm_head).
+
+    Every layer uses `rotary` unless `layer_rotaries` gives each its own (Gemma 3: local and global layers differ);
+    `final_softcap` c bounds the logits to c * tanh(logits / c) (Gemma 2)."""
 
     def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
-                 embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False):
+                 embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False,
+                 layer_rotaries: list[Rotary] | None = None, final_softcap: float | None = None):
         super().__init__()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(vocab, hidden)
@@ -251,6 +261,10 @@ class CausalLM(nn.Module):
         self.model.norm = norm
         self.lm_head = nn.Linear(hidden, vocab, bias=lm_head_bias)
         self.rotary = rotary
+        self.layer_rotaries = layer_rotaries or [rotary] * len(blocks)
+        if len(self.layer_rotaries) != len(blocks):
+            raise ValueError(f"{len(self.layer_rotaries)} layer rotaries for {len(blocks)} blocks")
+        self.final_softcap = final_softcap
         self.embed_scale = embed_scale
         self.tie_word_embeddings = tie_word_embeddings
 
@@ -261,10 +275,15 @@ class CausalLM(nn.Module):
         if self.embed_scale is not None:
             # Gemma rounds the scale to the activation dtype before multiplying, so we do too.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, meta, kv)
+        tables = {}  # cos, sin of each distinct rotary, once per step
+        for layer, rotary, kv in zip(self.model.layers, self.layer_rotaries, kv_caches):
+            if rotary not in tables:
+                tables[rotary] = rotary.cos_sin(positions, x.dtype)
+            x = layer(x, *tables[rotary], meta, kv)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        if self.final_softcap is not None:  # in fp32, whatever the activation dtype
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits

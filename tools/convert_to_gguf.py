@@ -1,13 +1,15 @@
-"""Convert a Hugging Face checkpoint (llama, mistral, mixtral, gemma, phi-2) to GGUF, laid out as llama.cpp's
-convert_hf_to_gguf.py lays it out, so mistralrs's GGUF loader is tested on the layout real files have.
+"""Convert a Hugging Face checkpoint (llama, mistral, mixtral, gemma, gemma2, gemma3_text, phi-2) to GGUF, laid out as
+llama.cpp's convert_hf_to_gguf.py lays it out, so mistralrs's GGUF loader is tested on the layout real files have.
 
     python tools/convert_to_gguf.py CHECKPOINT_DIR OUT.gguf [--type f32|f16|q8_0|q4_0|q5_0|q4_k]
 
 As llama.cpp's converter does:
-  - architecture "llama" for Llama, Mistral and Mixtral (llama.expert_count set), "gemma", "phi2"; its key names
+  - architecture "llama" for Llama, Mistral and Mixtral (llama.expert_count set), "gemma", "gemma2", "gemma3",
+    "phi2"; its key names (Gemma 2: soft caps and sliding window; Gemma 3: sliding window, linear rope scaling)
   - llama: Q and K rows permuted for llama.cpp's interleaved rotary (LlamaModel.permute); Llama 3 rope scaling
     written as a `rope_freqs` tensor of per-frequency divisors
-  - gemma: norm weights stored as 1 + w; no `output` tensor (tied to token_embd)
+  - gemma, gemma2, gemma3: norm weights (q_norm and k_norm too) stored as 1 + w; no `output` tensor (tied to
+    token_embd)
   - mixtral: the experts of a layer stacked into blk.N.ffn_{gate,up,down}_exps [E, ...]
   - 1-D tensors and ffn_gate_inp stay F32; other weights take the requested type when their rows fit its blocks,
     else llama.cpp's fallback (Q4_K -> Q5_0, then F16)
@@ -34,7 +36,9 @@ from safetensors.torch import load_file
 
 Q = gguf.GGMLQuantizationType
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
-         "gemma": gguf.MODEL_ARCH.GEMMA, "phi": gguf.MODEL_ARCH.PHI2}
+         "gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2, "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
+         "phi": gguf.MODEL_ARCH.PHI2}
+GEMMAS = (gguf.MODEL_ARCH.GEMMA, gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
 TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q5_0": Q.Q5_0, "q4_k": Q.Q4_K}
 FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
               Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -143,7 +147,7 @@ def gguf_tensors(cfg: dict, weights: dict[str, torch.Tensor], *, per_expert=Fals
             continue
         if arch == gguf.MODEL_ARCH.LLAMA and base.endswith(("q_proj", "k_proj")):
             w = permute(w, H if base.endswith("q_proj") else KVH)
-        if arch == gguf.MODEL_ARCH.GEMMA and name.endswith("norm.weight"):
+        if arch in GEMMAS and name.endswith("norm.weight"):
             w = w + 1
         if fused_qkv and base.endswith(("q_proj", "k_proj", "v_proj")):
             qkv.setdefault((int(base.split(".")[2]), suffix), {})[base[-6]] = w
@@ -185,6 +189,9 @@ def write_hparams(w: gguf.GGUFWriter, cfg: dict, qtype, sliding_window: bool) ->
         w.add_value_length(head_dim)
     if model_type == "gemma":
         return
+    if model_type in ("gemma2", "gemma3_text"):
+        write_gemma_hparams(w, cfg)
+        return
     w.add_vocab_size(cfg["vocab_size"])
     w.add_rope_dimension_count(head_dim)
     rs = cfg.get("rope_scaling") or {}
@@ -196,6 +203,36 @@ def write_hparams(w: gguf.GGUFWriter, cfg: dict, qtype, sliding_window: bool) ->
         w.add_expert_used_count(cfg["num_experts_per_tok"])
     if sliding_window and cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
+
+
+def write_gemma_hparams(w: gguf.GGUFWriter, cfg: dict) -> None:
+    """What llama.cpp's Gemma2Model / Gemma3Model write. llama.cpp fixes the rest per architecture, so a config
+    that differs from it cannot be written: the layer pattern, the query scale, Gemma 3's local rope base."""
+    gemma2, n = cfg["model_type"] == "gemma2", cfg["num_hidden_layers"]
+    pattern, big = (2, n == 46) if gemma2 else (6, n == 62)
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % cfg.get("sliding_window_pattern", pattern) else "full_attention"
+        for i in range(n)]
+    scalar = cfg["hidden_size"] // cfg["num_attention_heads"] if big else cfg["head_dim"]
+    if types != ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]:
+        raise ValueError(f"llama.cpp's {cfg['model_type']} has a sliding window on {pattern - 1} of {pattern} layers, "
+                         f"not {types}")
+    if cfg["query_pre_attn_scalar"] != scalar:
+        raise ValueError(f"llama.cpp scales this model's queries by {scalar}^-0.5, not by query_pre_attn_scalar "
+                         f"{cfg['query_pre_attn_scalar']}^-0.5")
+    w.add_sliding_window(cfg["sliding_window"])
+    if gemma2:
+        w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        return
+    if cfg.get("attn_logit_softcapping") is not None or cfg.get("rope_local_base_freq", 10000.0) != 10000.0:
+        raise ValueError("llama.cpp's Gemma 3 has no attention soft cap and a local rope base of 10000")
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    rs = cfg.get("rope_scaling") or {}
+    if rs.get("rope_type", rs.get("type")) == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rs["factor"])
 
 
 def _merges(model: dict) -> list[str]:

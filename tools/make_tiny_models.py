@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-ARCHS = ("llama", "mistral", "gemma", "mixtral", "phi2")
+ARCHS = ("llama", "mistral", "gemma", "gemma2", "gemma3", "mixtral", "phi2")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 VOCAB_SIZE = 1024
@@ -143,6 +143,27 @@ def make_config(arch: str, vocab_size: int) -> dict:
             rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=True, pad_token_id=0,
             attention_bias=False, attention_dropout=0.0,
         )
+    elif arch == "gemma2":
+        # Layers alternate sliding (window 8, shorter than the tests' prompts) and global; the attention soft cap low
+        # enough to bend these tiny models' scores. query_pre_attn_scalar = head_dim, as llama.cpp assumes.
+        cfg = _common_config("Gemma2ForCausalLM", "gemma2", vocab_size)
+        cfg.update(
+            num_hidden_layers=3, num_key_value_heads=2, head_dim=32, hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True, pad_token_id=0, attention_bias=False,
+            attention_dropout=0.0, query_pre_attn_scalar=32, sliding_window=8, attn_logit_softcapping=10.0,
+            final_logit_softcapping=30.0,
+        )
+    elif arch == "gemma3":
+        # The hub's Gemma 3 text config keys (gemma-3-1b): five sliding layers (window 8) per global one, local rope
+        # base 10000, global base 1e6 with linear scaling (as the 4B and larger have), QK-norm, no soft caps.
+        cfg = _common_config("Gemma3ForCausalLM", "gemma3_text", vocab_size)
+        cfg.update(
+            num_hidden_layers=7, num_key_value_heads=2, head_dim=32, hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6, rope_theta=1e6, rope_local_base_freq=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True, pad_token_id=0,
+            attention_bias=False, attention_dropout=0.0, query_pre_attn_scalar=32, sliding_window=8,
+            sliding_window_pattern=6, attn_logit_softcapping=None, final_logit_softcapping=None,
+        )
     elif arch == "mixtral":
         cfg = _common_config("MixtralForCausalLM", "mixtral", vocab_size)
         cfg.update(
@@ -191,6 +212,10 @@ def _shapes(arch: str, cfg: dict) -> dict[str, tuple[int, ...]]:
             }
             continue
         shapes |= {p + "self_attn.o_proj.weight": (C, H * D), p + "post_attention_layernorm.weight": (C,)}
+        if arch in ("gemma2", "gemma3"):
+            shapes |= {p + "pre_feedforward_layernorm.weight": (C,), p + "post_feedforward_layernorm.weight": (C,)}
+        if arch == "gemma3":
+            shapes |= {p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
         if arch == "mixtral":
             E = cfg["num_local_experts"]
             shapes[p + "block_sparse_moe.gate.weight"] = (E, C)
@@ -217,13 +242,17 @@ def _init(name: str, shape: tuple[int, ...], arch: str, seed: int) -> torch.Tens
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     if "norm" in name and name.endswith(".weight"):
-        # Gemma's RMSNorm scales by (1 + w), so its stored weights sit near 0; everyone else's near 1.
-        return 0.1 * noise if arch == "gemma" else 1.0 + 0.1 * noise
+        # Gemma's RMSNorm scales by (1 + w), so its stored weights sit near 0; everyone else's near 1. Gemma 2 and
+        # 3 norm each sublayer's output too: scaled by ~3 there, the sublayers outweigh the embedding in the
+        # residual stream, and greedy decoding wanders instead of echoing the tied embedding's nearest token.
+        if arch in ("gemma2", "gemma3") and ".post_" in name:
+            return 2.0 + 0.1 * noise
+        return 0.1 * noise if arch.startswith("gemma") else 1.0 + 0.1 * noise
     if name.endswith(".bias"):
         return 0.1 * noise
     if name == "model.embed_tokens.weight":
         # Gemma ties this to lm_head and multiplies it by sqrt(hidden) on the way in.
-        return noise / math.sqrt(shape[1]) if arch == "gemma" else noise
+        return noise / math.sqrt(shape[1]) if arch.startswith("gemma") else noise
     # 2/sqrt(fan_in), well above the usual 0.02, so greedy decoding of random weights wanders
     # instead of locking onto one token.
     return noise * (2.0 / math.sqrt(shape[1]))

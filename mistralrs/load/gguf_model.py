@@ -63,6 +63,8 @@ def map_names(names: dict, gfile: GGUFFile, expected: dict[str, tuple]) -> dict[
         if target is None or suffix not in ("weight", "bias"):
             raise ValueError(f"{gfile.path}: tensor {gname!r} is not part of a {gfile.metadata['general.architecture']}"
                              f" model as mistralrs knows it")
+        if isinstance(target, dict):  # a name whose meaning depends on the architecture (Gemma's ffn_norm)
+            target = target[gfile.metadata["general.architecture"]]
         if isinstance(target, tuple):  # fused rows, e.g. q | k | v
             parts = [f"{t.format(**fmt)}.{suffix}" for t in target]
             out.update(zip(parts, _split_rows(raw, [expected.get(p, (0,))[0] for p in parts])))
@@ -96,7 +98,8 @@ def resident_bytes(model: nn.Module) -> int:
 def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, object]:
     """(model, args) of the architecture of model file `module` from `gfile`, with quantized weights kept as stored.
     The caller has checked that general.architecture is one of module.GGUF_ARCHITECTURES. The model file declares
-    its GGUF_NAMES map and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE)."""
+    its GGUF_NAMES map (a value may be {architecture: our name} where the files' architectures differ, as Gemma's
+    do) and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE)."""
     path, tensors = gfile.path, gfile.tensors
     arch = gfile.metadata["general.architecture"]
     if "token_embd.weight" not in tensors:

@@ -8,6 +8,9 @@ from tqdm.auto import tqdm
 
 # Tensors some checkpoints carry that the model recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# The vision half of image-text checkpoints (Gemma 3, in the hub's layout and in transformers 5's): we run the text
+# model alone.
+IGNORED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 
 
 def rename(name: str, renames: list[tuple[str, str]]) -> str:
@@ -32,7 +35,7 @@ def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: t
     with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False) as bar:
         for f, h in zip(files, handles):
             for name in h.keys():
-                if not name.endswith(IGNORED_SUFFIXES):
+                if not name.endswith(IGNORED_SUFFIXES) and not name.startswith(IGNORED_PREFIXES):
                     state[rename(name, renames)] = h.get_tensor(name).to(device=device, dtype=dtype)
                 bar.update()
     return state
