@@ -36,14 +36,14 @@ def test_logits_match_transformers(tiny_models, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cpu_weight_layout(tiny_models, arch):
-    """On CPU (test_logits_match_transformers checks the values): each attention's q, k, v weights (and each MLP's
-    gate, up) are column blocks of one contiguous [K, Nq + 2 Nkv] tensor, multiplied as one; other float32 Linears with out_features >= in_features hold a [K, N]
+    """On CPU (test_logits_match_transformers checks the values): each attention's q, k, v weights are column blocks
+    of one contiguous [K, Nq + 2 Nkv] tensor, multiplied as one (gate/up only when quantized); other float32 Linears with out_features >= in_features hold a [K, N]
     tensor seen through a transposed view, narrower ones keep [N, K]; a tied lm_head stays the embedding's tensor."""
     model = load(tiny_models[arch], arch).pipeline.model_runner.model
     attn = [m for m in model.modules() if isinstance(m, Attention)]
     mlps = [m for m in model.modules() if isinstance(m, GatedMLP)]
-    groups = [(a.qkv, (a.q_proj, a.k_proj, a.v_proj)) for a in attn] + [(m.gate_up, (m.gate_proj, m.up_proj))
-                                                                        for m in mlps]
+    assert all(m.gate_up is None for m in mlps)
+    groups = [(a.qkv, (a.q_proj, a.k_proj, a.v_proj)) for a in attn]
     for fused, projs in groups:
         w = fused.proj.weight
         assert w.t().is_contiguous() and w.shape == (sum(p.out_features for p in projs), projs[0].in_features)

@@ -128,16 +128,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         if (j + kAhead < L) prefetch(row(kp, first + j + kAhead), D);
         const float* kj = row(kp, first + j);
         for (int64_t g = 0; g < G; ++g) {
-          float x = sc * dot(qb + g * q.stride(1), kj, D);
-          s[g * L + j] = cap > 0.f ? cap * std::tanh(x / cap) : x;
+          const float x = sc * dot(qb + g * q.stride(1), kj, D);
+          s[g * L + j] = cap > 0.f ? float(cap * std::tanh(double(x) / cap)) : x;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < G; ++g) {  // softmax in double: its sum over thousands of keys stays exact
         float* sg = s.data() + g * L;
-        const float mx = *std::max_element(sg, sg + L);
-        float sum = 0.f;
-        for (int64_t j = 0; j < L; ++j) sum += (sg[j] = std::exp(sg[j] - mx));
-        for (int64_t j = 0; j < L; ++j) sg[j] /= sum;
+        const double mx = *std::max_element(sg, sg + L);
+        double sum = 0.0;
+        for (int64_t j = 0; j < L; ++j) sum += std::exp(double(sg[j]) - mx);
+        for (int64_t j = 0; j < L; ++j) sg[j] = float(std::exp(double(sg[j]) - mx) / sum);
       }
       float* ob = op + (b * H + kvh * G) * D;
       std::memset(ob, 0, G * D * sizeof(float));

@@ -23,7 +23,8 @@ import torch
 log = logging.getLogger("mistralrs")
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("cpu_ext.cpp", "gguf_cpu.cpp", "attention_cpu.cpp", "rowwise_cpu.cpp")]
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+# -ffp-contract=off: no FMA where the source writes a product and a sum (the rotary equals the reference bit for bit)
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
 
 
 def _load():

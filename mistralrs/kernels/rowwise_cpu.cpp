@@ -1,5 +1,6 @@
 // Per-token float32 ops of every layer, for CPU tensors: RMSNorm and rotary embedding (AVX2, FMA).
 // Built with the other CPU kernels by kernels/cpu_ext.py; called from kernels/rowwise_cpu.py.
+// Built with -ffp-contract=off (cpu_ext.py): the rotary's products and sums stay separately rounded.
 // Why: on a 576-wide SmolLM2 row torch's CPU rms_norm takes ~20 us (it runs as five ops) and the rotate-half rotary
 // four ops per tensor; a decode token runs 61 norms and 60 rotaries, ~3 ms of a 20 ms token. Here each is one pass.
 #include <torch/extension.h>
@@ -65,16 +66,19 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
       for (int64_t h = 0; h < H; ++h) {
         float* v = xp + t * x.stride(0) + h * x.stride(1);
         int64_t i = 0;
+        // products rounded, then their sum: the reference's three ops exactly (no FMA), so the same bits
         for (; i + 8 <= half; i += 8) {
           const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + half + i);
-          _mm256_storeu_ps(v + i, _mm256_fmadd_ps(b, _mm256_loadu_ps(s + i), _mm256_mul_ps(a, _mm256_loadu_ps(c + i))));
-          _mm256_storeu_ps(v + half + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(s + half + i),
-                                                         _mm256_mul_ps(b, _mm256_loadu_ps(c + half + i))));
+          _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)),
+                                                _mm256_mul_ps(b, _mm256_loadu_ps(s + i))));
+          _mm256_storeu_ps(v + half + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
+                                                       _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i))));
         }
         for (; i < half; ++i) {
           const float a = v[i], b = v[half + i];
-          v[i] = a * c[i] + b * s[i];
-          v[half + i] = b * c[half + i] + a * s[half + i];
+          const float ac = a * c[i], bs = b * s[i], bc = b * c[half + i], as = a * s[half + i];
+          v[i] = ac + bs;
+          v[half + i] = bc + as;
         }
       }
     }
