@@ -8,7 +8,6 @@ import torch
 from . import reference
 from .cpu_ext import ext
 
-
 DECODE_ROWS = 16  # a decode step of up to 16 sequences (CPU batches rarely hold more)
 
 
