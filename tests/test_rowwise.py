@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mistralrs import kernels
-from mistralrs.kernels import cpu_ext, reference
+from mistralrs.kernels import cpu_ext, reference, rowwise_cpu
 from mistralrs.layers import Rotary
 
 pytestmark = pytest.mark.skipif(cpu_ext.UNAVAILABLE is not None, reason=f"{cpu_ext.UNAVAILABLE}")
@@ -29,7 +29,8 @@ def test_rms_norm_other_dtypes_use_the_reference():
 
 @pytest.mark.parametrize("D,r", [(64, 64), (80, 80), (40, 16), (12, 4)], ids=["64", "80", "partial16", "tail"])
 def test_rotary_embedding_in_place(D, r):
-    """Views of one fused projection output, as Attention hands them over; rotated in place, other dims untouched."""
+    """Views of one fused projection output, as Attention hands them over; rotated in place, bit for bit the
+    reference (no FMA contraction), other dims untouched."""
     T, H, KVH = 5, 6, 2
     rot = Rotary(r, 10000.0)
     cos, sin = rot.cos_sin(torch.tensor([0, 3, 17, 100, 4096]), torch.float32)
@@ -39,8 +40,7 @@ def test_rotary_embedding_in_place(D, r):
     want_q, want_k = reference.rotary_embedding(q, k, cos, sin)
     got_q, got_k = kernels.rotary_embedding(q, k, cos, sin)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
-    torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
 
 
 def test_bad_shapes_raise():
@@ -48,3 +48,9 @@ def test_bad_shapes_raise():
         cpu_ext.ext.rms_norm(torch.randn(2, 8), torch.randn(9), 1e-6, False)
     with pytest.raises(RuntimeError, match="cos and sin"):
         cpu_ext.ext.rotary_(torch.randn(2, 3, 8), torch.randn(2, 5), torch.randn(2, 5))
+
+
+def test_rms_norm_leaves_prefill_sized_inputs_to_the_reference():
+    w = torch.randn(64)
+    big = torch.randn(rowwise_cpu.DECODE_ROWS + 1, 64)
+    assert torch.equal(kernels.rms_norm(big, w, 1e-6), reference.rms_norm(big, w, 1e-6))
