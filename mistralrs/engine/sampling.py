@@ -88,9 +88,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
         picked = [params[b] for b in rows]
         scaled = logits[rows] / col([p.temperature for p in picked])[:, None]
         if any(p.top_k or p.top_p for p in picked):  # the sort over the vocabulary only when a filter is on
-            scaled = top_k_top_p_mask(scaled, torch.tensor([p.top_k or V for p in picked], device=dev),
+            scaled = top_k_top_p_mask(scaled, torch.tensor([min(p.top_k or V, V) for p in picked], device=dev),
                                       col([p.top_p or 1.0 for p in picked]))
         probs = torch.softmax(scaled, dim=-1)
+        # Every row is checked before any draws: a bad row raises here, with no generator advanced, and the
+        # engine resamples the others alone (engine.Engine._sample). multinomial would refuse it anyway on CPU.
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("sampling met non-finite probabilities (NaN or infinite logits)")
         drawn = [torch.multinomial(probs[i], 1, generator=generators[b]) for i, b in enumerate(rows)]
         tokens[torch.tensor(rows, device=dev)] = torch.cat(drawn)
 
