@@ -76,15 +76,21 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None, xlora_revision=None, threads=None):
+             quantized_revision=None, xlora_revision=None, threads=None, max_choices=64, max_stop_strings=16,
+             max_stop_length=1000, max_prompt_chars=1_000_000, max_template_chars=1_000_000,
+             template_timeout=5.0):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
         tokens; default: 90% of free GPU memory on CUDA, 8192 on CPU), `block_size` (tokens per KV block),
         `quantized_revision` (revision of quantized_model_id; default "main"; `revision` is model_id's),
         `xlora_revision` (revision of xlora_model_id; default "main"), `threads` (CPU threads of the engine, an
-        int >= 1; default: torch's thread count in the calling thread, at most one per physical core)."""
-        from .runner import Runner, cpu_threads
+        int >= 1; default: torch's thread count in the calling thread, at most one per physical core).
+        Bounds on one request's work, each a clear ValueError when passed: `max_choices` (n_choices and best_of),
+        `max_stop_strings` and `max_stop_length` (characters of each), `max_prompt_chars` (characters given to the
+        tokenizer), `max_template_chars` (characters a chat template may render) and `template_timeout` (seconds
+        it may run)."""
+        from .runner import JsonLines, Limits, Runner, cpu_threads
 
         o = self.options
         if o.model_id is None and not o.kind.is_quantized:
@@ -93,6 +99,10 @@ class ArchLoader:
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
         threads = cpu_threads(threads)
+        limits = Limits(max_choices=max_choices, max_stop_strings=max_stop_strings, max_stop_length=max_stop_length,
+                        max_prompt_chars=max_prompt_chars, max_template_chars=max_template_chars,
+                        template_timeout=template_timeout)
+        JsonLines(logfile)  # a bad logfile fails before the model loads
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = model_dtype(dtype, device)
@@ -109,7 +119,7 @@ class ArchLoader:
             max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
             repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
-                      threads=threads)
+                      threads=threads, limits=limits)
 
     def _normal(self, token, revision, dtype, device) -> "Loaded":
         o, m = self.options, self.module
