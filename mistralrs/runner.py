@@ -50,7 +50,9 @@ class ChatCompletionStreamer:
     def __next__(self) -> str:
         if self._done:
             raise StopIteration
-        try:
+        try:  # the timeout covers the request as its reader sees it: chunks queued past it are not handed out
+            if _remaining(self._deadline) == 0:
+                raise queue.Empty
             item = self._out.get(timeout=_remaining(self._deadline))
         except queue.Empty:
             self._abort(TimeoutError(f"request {self.id} timed out"))
