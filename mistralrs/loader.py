@@ -137,7 +137,7 @@ class ArchLoader:
         except ValueError as e:
             raise ValueError(f"{files.config}: {e}") from None
         check_args(args, str(files.config))
-        check_fits(f"{o.model_id}'s weights", parameter_count(args) * dtype.itemsize, device)
+        check_fits(f"{files.config}: the weights", parameter_count(args) * dtype.itemsize, device)
         with torch.device("meta"):
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
