@@ -1,6 +1,7 @@
 """A bad request fails alone: its values are checked in the caller's thread on an immutable copy, and whatever
 can still go wrong in one row of a step (sampling, output) fails that request only, the others' outputs equal to
 their solo runs. Every request here carries a timeout, so a regression fails instead of hanging the session."""
+import dataclasses
 import json
 import threading
 
@@ -100,9 +101,7 @@ def test_a_row_that_fails_in_sampling_fails_its_request_alone(runner, monkeypatc
 
     def poisoned(r, **kw):
         p = params(r, **kw)
-        if r.request_id == "poison":
-            p.logit_bias = {3: float("nan")}
-        return p
+        return dataclasses.replace(p, logit_bias={3: float("nan")}) if r.request_id == "poison" else p
 
     monkeypatch.setattr(runner, "_params", poisoned)
     bad = CompletionRequest(PROMPT, "m", max_tokens=10, temperature=1.0, timeout=T, request_id="poison")
