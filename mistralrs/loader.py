@@ -17,7 +17,7 @@ from .load.tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .model_args import check_args, parameter_count, read_json
 from .models import gemma, llama, mistral, mixtral, phi2
 from .models.xlora import load_xlora
-from .requests import ModelKind, model_dtype
+from .requests import Limits, ModelKind, model_dtype
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192
@@ -77,9 +77,10 @@ class ArchLoader:
 
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
-             quantized_revision=None, xlora_revision=None, threads=None, max_choices=64, max_stop_strings=16,
-             max_stop_length=1000, max_prompt_chars=1_000_000, max_template_chars=1_000_000,
-             template_timeout=5.0):
+             quantized_revision=None, xlora_revision=None, threads=None, max_choices=Limits.max_choices,
+             max_stop_strings=Limits.max_stop_strings, max_stop_length=Limits.max_stop_length,
+             max_prompt_chars=Limits.max_prompt_chars, max_template_chars=Limits.max_template_chars,
+             template_timeout=Limits.template_timeout):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
@@ -91,7 +92,7 @@ class ArchLoader:
         `max_stop_strings` and `max_stop_length` (characters of each), `max_prompt_chars` (characters given to the
         tokenizer), `max_template_chars` (characters a chat template may render) and `template_timeout` (seconds
         it may run)."""
-        from .runner import JsonLines, Limits, Runner, cpu_threads
+        from .runner import JsonLines, Runner, cpu_threads
 
         o = self.options
         if o.model_id is None and not o.kind.is_quantized:

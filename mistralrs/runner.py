@@ -9,7 +9,6 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,7 +20,7 @@ from .engine.sampling import SamplingParams
 from .engine.scheduler import Scheduler
 from .engine.sequence import Request, Sequence
 from .load import chat_template
-from .requests import ChatCompletionRequest, CompletionRequest
+from .requests import ChatCompletionRequest, CompletionRequest, Limits
 
 log = logging.getLogger("mistralrs")
 TRUNCATE_RESERVE = 10  # completion room kept by truncate_sequence when max_tokens is unset
@@ -82,29 +81,6 @@ class ChatCompletionStreamer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """load()'s bounds on the work one request may ask for; each is checked in the caller's thread."""
-    max_choices: int = 64            # n_choices, and best_of
-    max_stop_strings: int = 16       # stop_seqs entries
-    max_stop_length: int = 1000      # characters of each stop string
-    max_prompt_chars: int = 1_000_000  # characters given to the tokenizer (prompt, or rendered chat template)
-    max_template_chars: int = chat_template.MAX_TEMPLATE_CHARS  # characters a chat template may render
-    template_timeout: float = chat_template.TEMPLATE_TIMEOUT_S  # seconds a chat template may run
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1e6
-                kind = "number of seconds (at most 1e6)"
-            else:
-                ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 2**31 - 1
-                kind = "int"
-            if not ok:
-                raise ValueError(f"{f.name} must be a positive {kind}, got {value!r}")
 
 
 def physical_cores() -> int:
