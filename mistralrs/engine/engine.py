@@ -60,6 +60,7 @@ class Engine:
         self.output = Output(pipeline.tokenizer, pipeline.model_id, pipeline.eos_token_ids)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, Request] = {}  # requests in flight by id; the engine thread's alone
+        self.timed: set[Request] = set()     # those of them with a deadline (most steps have none to check)
         # closed is set, and STOP queued, under the lock that submit() and call() hold while they queue: whatever
         # they queue is ahead of STOP, so the engine answers it before it stops.
         self.lock, self.closed = threading.Lock(), False
@@ -147,6 +148,8 @@ class Engine:
             req.out.put(ValueError(f"request_id {req.id!r} is already used by a request in flight"))
             return
         self.live[req.id] = req
+        if req.deadline is not None:
+            self.timed.add(req)
         for seq in req.seqs:
             self.scheduler.add(seq)
 
@@ -157,8 +160,10 @@ class Engine:
         self._fail(req, a.error if a.error is not None else END)
 
     def _expire(self) -> None:
+        if not self.timed:
+            return
         now = time.monotonic()
-        for req in [r for r in self.live.values() if r.deadline is not None and r.deadline <= now]:
+        for req in [r for r in self.timed if r.deadline <= now]:
             self._fail(req, TimeoutError(f"request {req.id} did not finish within its timeout"))
 
     def _step(self) -> None:
@@ -227,7 +232,7 @@ class Engine:
         if all(s.finished for s in req.seqs):
             self._send(req, END if req.stream else self.output.response(req))
             req.answered = True
-            self.live.pop(req.id, None)
+            self._forget(req)
 
     def _fail(self, req: Request, error, release: bool = True) -> None:
         """Answer req with error (or END: its stream just ends) and drop its sequences, freeing their blocks."""
@@ -236,8 +241,12 @@ class Engine:
             self.scheduler.remove_all(req.seqs)
         for seq in req.seqs:
             seq.finish_reason = seq.finish_reason or "error"
-        self.live.pop(req.id, None)
+        self._forget(req)
         req.out.put(error)
+
+    def _forget(self, req: Request) -> None:
+        self.live.pop(req.id, None)
+        self.timed.discard(req)
 
     def _fail_all(self, error: BaseException) -> None:
         self.scheduler.clear()  # at once: one by one would be quadratic in a large backlog
