@@ -145,7 +145,10 @@ def test_abandoned_streams_do_not_slow_a_fresh_request(runner):
         next(s)
     del s, streams  # 16 dropped mid-generation, 16 before their first chunk
     gc.collect()
-    after = latency()
+    # A round trip through the inbox: the 32 aborts are behind us. (Sent without it, the fresh request may wait one
+    # more step: the engine can admit a waiting stream whose abort it has not read yet.)
+    engine_state(runner)
+    after = min(latency() for _ in range(3))  # without cancellation each would wait seconds
     print(f"\nfresh request: {idle * 1e3:.1f} ms idle, {after * 1e3:.1f} ms after abandoning 32 streams")
     assert after <= 2 * idle + 0.02, f"{after * 1e3:.1f} ms after abandoning 32 streams, {idle * 1e3:.1f} ms idle"
     wait_idle(runner)
