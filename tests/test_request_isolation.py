@@ -90,6 +90,20 @@ def _concurrently(runner, requests):
     return results
 
 
+def test_the_issues_poisoned_requests_fail_alone_among_concurrent_ones(runner):
+    """temperature=1e-50, top_k=2**63 and a NaN written into logit_bias after construction used to fail every
+    request of the engine step; now each is refused in its caller's thread and the others equal their solo runs."""
+    good = [CompletionRequest(p, "m", max_tokens=10, temperature=0, timeout=T) for p in prompts(6)]
+    solo = [text(runner.send_completion_request(r)) for r in good]
+    bad = [CompletionRequest(PROMPT, "m", max_tokens=10, timeout=T, logit_bias={4: 1.0}) for _ in range(3)]
+    bad[0].temperature = 1e-50
+    bad[1].top_k = 2**63
+    bad[2].logit_bias[4] = float("nan")
+    results = _concurrently(runner, [good[0], bad[0], *good[1:3], bad[1], *good[3:], bad[2]])
+    assert [type(r) for r in (results[1], results[4], results[-1])] == [ValueError] * 3
+    assert [r for i, r in enumerate(results) if i not in (1, 4, len(results) - 1)] == solo
+
+
 def test_a_row_that_fails_in_sampling_fails_its_request_alone(runner, monkeypatch, caplog):
     """A NaN logit bias cannot be sent any more, so it is put in past the checks: the engine's sampling of that
     row fails, the batch is resampled row by row, and only the poisoned request gets the error."""
