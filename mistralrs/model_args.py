@@ -53,11 +53,12 @@ def require(cfg: dict, key: str, where: str = "config.json"):
     return cfg[key]
 
 
-def _int(value, key: str, where: str) -> int:
-    """An int field as a file gives it: a str "4096" or a float is refused, naming the key."""
+def _int(value, key: str, where: str, bounds: str | None = None) -> int:
+    """An int field as a file gives it: a str "4096" or a float is refused, naming the key. bounds: the field
+    whose INT_BOUNDS apply (default: key's own)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}: {key!r} must be an integer, got {value!r}")
-    lo, hi = INT_BOUNDS.get(key, (1, 2**31 - 1))
+    lo, hi = INT_BOUNDS.get(bounds or key, (1, 2**31 - 1))
     if not lo <= value <= hi:
         raise ValueError(f"{where}: {key!r} must be in [{lo}, {hi}], got {value}")
     return value
@@ -169,24 +170,27 @@ def _gguf_rope_scaling(md: dict) -> dict | None:
 
 
 def common_gguf_fields(md: dict, *, norm_eps_key: str = "attention.layer_norm_rms_epsilon") -> dict:
-    """The ModelArgs fields as llama.cpp's GGUF metadata spells them (`llama.embedding_length`, ...)."""
+    """The ModelArgs fields as llama.cpp's GGUF metadata spells them (`llama.embedding_length`, ...); an integer
+    field of the wrong type or out of bounds is a ValueError naming its GGUF key."""
     require(md, "general.architecture", GGUF)
     arch = md.get("general.architecture")
-    hidden, heads = gguf_require(md, "embedding_length"), gguf_require(md, "attention.head_count")
-    kv_heads = gguf_get(md, "attention.head_count_kv", heads)
-    if isinstance(heads, list) or isinstance(kv_heads, list):
-        raise ValueError(f"{GGUF}: per-layer attention head counts are not supported")
-    hidden = _int(hidden, f"{arch}.embedding_length", GGUF)
-    heads = _int(heads, f"{arch}.attention.head_count", GGUF)
+
+    def integer(key, field, default=None):
+        value = gguf_require(md, key) if default is None else gguf_get(md, key, default)
+        if isinstance(value, list):
+            raise ValueError(f"{GGUF}: per-layer values of {arch}.{key} are not supported")
+        return _int(value, f"{arch}.{key}", GGUF, bounds=field)
+
+    hidden, heads = integer("embedding_length", "hidden_size"), integer("attention.head_count", "num_attention_heads")
     return dict(
-        vocab_size=gguf_require(md, "vocab_size"),
+        vocab_size=integer("vocab_size", "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=gguf_require(md, "feed_forward_length"),
-        num_hidden_layers=gguf_require(md, "block_count"),
+        intermediate_size=integer("feed_forward_length", "intermediate_size"),
+        num_hidden_layers=integer("block_count", "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=gguf_get(md, "attention.key_length") or hidden // heads,
-        max_position_embeddings=gguf_get(md, "context_length", 4096),
+        num_key_value_heads=integer("attention.head_count_kv", "num_key_value_heads", heads),
+        head_dim=integer("attention.key_length", "head_dim", hidden // heads),
+        max_position_embeddings=integer("context_length", "max_position_embeddings", 4096),
         norm_eps=gguf_get(md, norm_eps_key, 1e-5),
         rope_theta=gguf_get(md, "rope.freq_base", 10000.0),
         rope_scaling=_gguf_rope_scaling(md),

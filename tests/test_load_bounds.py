@@ -154,3 +154,19 @@ def test_gguf_tensor_data_must_be_aligned_inside_and_disjoint(gguf_file, tmp_pat
         read_gguf(patched(src, tmp_path / "inside.gguf", second, offsets[0] + 32))
     with pytest.raises(ValueError, match="truncated"):
         read_gguf(patched(src, tmp_path / "outside.gguf", second, 2**40))
+
+
+def test_gguf_metadata_of_the_wrong_type_names_its_key(gguf_file, tmp_path):
+    """llama.block_count stored as a float32 (same size as its uint32, so the file stays well formed)."""
+    data = bytearray(gguf_file("llama", "f32").read_bytes())
+    key = b"llama.block_count"
+    at = data.index(len(key).to_bytes(8, "little") + key) + 8 + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == GGUFValueType.UINT32
+    data[at:at + 4] = int(GGUFValueType.FLOAT32).to_bytes(4, "little")
+    bad = tmp_path / "float-blocks.gguf"
+    bad.write_bytes(data)
+    loader = mistralrs.QuantizedLoader(ARCHS["llama"], model_id=None, is_gguf=True, quantized_model_id="",
+                                       quantized_filename=str(bad))
+    with pytest.raises(ValueError, match="llama.block_count") as e:
+        loader.load(token_source="none", kv_cache_tokens=256)
+    assert str(bad) in str(e.value)
