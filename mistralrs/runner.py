@@ -231,8 +231,8 @@ class Runner:
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         self._check_chars("the prompt", len(text))
-        try:
-            return self.pipeline.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:  # encode_batch releases the GIL (encode holds it: a long prompt would stall the engine thread)
+            return self.pipeline.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # tokenizers' PanicException is a BaseException, not an Exception

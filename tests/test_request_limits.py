@@ -106,10 +106,10 @@ def test_a_tokenizer_panic_is_a_value_error(tiny_models, monkeypatch):
         real = r.pipeline.tokenizer
 
         class Panicking:
-            def encode(self, text, add_special_tokens):
-                if "panic" in text:
+            def encode_batch(self, texts, add_special_tokens):
+                if "panic" in texts[0]:
                     raise Panic("capacity overflow")
-                return real.encode(text, add_special_tokens=add_special_tokens)
+                return real.encode_batch(texts, add_special_tokens=add_special_tokens)
 
         monkeypatch.setattr(r.pipeline, "tokenizer", Panicking())
         with pytest.raises(ValueError, match="capacity overflow"):
@@ -153,3 +153,31 @@ def test_stop_string_matches_equal_a_plain_search():
         e = min(ends)
         assert found == min(e - len(x) for x in stops if text[:e].endswith(x))
         assert s.held() <= max(map(len, stops))
+
+
+def test_tokenizing_a_long_prompt_does_not_stall_other_requests(tiny_models):
+    """The tokenizer runs in the caller's thread without the GIL: a stream keeps flowing while another caller's
+    prompt of max_prompt_chars characters is tokenized (and then refused as too long for the model)."""
+    import threading
+    loader = mistralrs.NormalLoader(ARCHS["llama"], model_id=str(tiny_models["llama"]))
+    with loader.load(token_source="none", kv_cache_tokens=1024) as r:
+        text = "The quick brown fox jumps over the lazy dog. " * 22_000  # 990,000 characters
+        t0 = time.perf_counter()
+        r.pipeline.tokenizer.encode(text)
+        alone = time.perf_counter() - t0
+        stream = r.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=400, stream=True))
+        next(stream)
+        errors = []
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(
+            ValueError, r.send_completion_request, CompletionRequest(text, "m"))))
+        last, gaps = time.perf_counter(), []
+        t.start()
+        for _ in stream:
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if not t.is_alive():
+                break
+        t.join()
+        assert errors and "tokens" in str(errors[0].value)
+        assert max(gaps) < alone / 2, f"a chunk waited {max(gaps):.2f} s; tokenizing alone takes {alone:.2f} s"
