@@ -1,5 +1,6 @@
 """The loaders of the API: five architecture classes and the four wrappers that pick a model kind."""
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -175,6 +176,7 @@ class ArchLoader:
         else:
             qfile = read_ggml(path, gqa=o.gqa or 1)
         check_architecture(qfile, type(self))
+        check_fits(f"{path}: the weights", quantized_weight_bytes(qfile, dtype), device)
         model, args = load_gguf_model(m, qfile, dtype, device)
         return model, args, qfile
 
@@ -210,6 +212,11 @@ def kv_cache(args, dtype, device, kv_cache_tokens, block_size,
     shape = (num_blocks, block_size, args.num_key_value_heads, args.head_dim)  # [NB, BS, KVH, D]
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)]
+
+
+def quantized_weight_bytes(qfile, dtype: torch.dtype) -> int:
+    """What a GGUF/GGML file's weights take once loaded: quantized tensors keep their bytes, float ones become dtype."""
+    return sum(t.data.nbytes if t.quantized else math.prod(t.shape) * dtype.itemsize for t in qfile.tensors.values())
 
 
 def check_kv_options(kv_cache_tokens, block_size) -> None:
