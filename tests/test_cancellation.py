@@ -154,20 +154,21 @@ def test_abandoned_streams_do_not_slow_a_fresh_request(runner):
     wait_idle(runner)
 
 
-def test_soak_with_streaming_cancellation(tiny_models):
-    """16 threads send 25 requests each through max_seqs=8 and a cache small enough to preempt: whole replies,
+@pytest.mark.parametrize("n, max_seqs, cache", [(400, 8, 192), pytest.param(1000, 16, 512, marks=pytest.mark.slow)])
+def test_soak_with_streaming_cancellation(tiny_models, n, max_seqs, cache):
+    """16 threads send n requests through max_seqs and a cache small enough to preempt: whole replies,
     streams read to the end, streams abandoned after a few chunks, aborts by id and timeouts, mixed. The whole and
     fully streamed replies equal their solo runs; every cancelled one ends; nothing is left held."""
     rng = random.Random(0)
     prompts = [(PROMPT * 3)[i: i + 20 + 7 * (i % 9)] for i in range(32)]
     plan = [(rng.choice(["whole", "stream", "abandon", "abort", "timeout"]), rng.randrange(32), 6 + rng.randrange(20))
-            for _ in range(16 * 25)]
+            for _ in range(n)]
     with load(tiny_models, max_seqs=1) as solo:
         expected = {(p, n): json.loads(solo.send_completion_request(
             CompletionRequest(prompts[p], "m", max_tokens=n, temperature=0)))["choices"][0]["text"]
             for kind, p, n in plan if kind in ("whole", "stream")}
     errors = []
-    with load(tiny_models, max_seqs=8, kv_cache_tokens=192, block_size=8) as runner:
+    with load(tiny_models, max_seqs=max_seqs, kv_cache_tokens=cache, block_size=8) as runner:
         def worker(k):
             for i in range(k, len(plan), 16):
                 kind, p, n = plan[i]
