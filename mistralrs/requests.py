@@ -117,10 +117,16 @@ class _SamplingFields:
     def frozen(self):
         """An immutable, checked copy: the Runner takes one when a request is sent, so changing this object later
         (a NaN written into logit_bias, say) cannot reach the engine."""
-        fields = {k: _plain(v) for k, v in vars(self).items() if not k.startswith("_")}
+        fields = {k: _plain(v) for k, v in self._fields().items()}
         copy = type(self)(**fields)
         object.__setattr__(copy, "_frozen", True)
         return copy
+
+    def _fields(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._fields()!r})"
 
     def _check_sampling(self):
         if not isinstance(self.model, str):
@@ -185,8 +191,6 @@ class ChatCompletionRequest(_SamplingFields):
             if m["role"] not in self.ROLES:
                 raise ValueError(f"messages[{i}] has role {m['role']!r}; allowed roles: {', '.join(self.ROLES)}")
 
-    def __repr__(self):
-        return f"ChatCompletionRequest({vars(self)!r})"
 
 
 class CompletionRequest(_SamplingFields):
@@ -223,8 +227,6 @@ class CompletionRequest(_SamplingFields):
         if grammar is not None and not isinstance(grammar, str):
             raise TypeError(f"grammar must be a str, got {grammar!r}")
 
-    def __repr__(self):
-        return f"CompletionRequest({vars(self)!r})"
 
 
 @dataclass(frozen=True)
