@@ -1,6 +1,5 @@
 """Chat templates: where the template comes from, and rendering it with jinja2 in a sandbox, as transformers'
 apply_chat_template does."""
-import functools
 import json
 import re
 import sys
@@ -121,6 +120,7 @@ class TemplateLimits(ImmutableSandboxedEnvironment):
     def __init__(self, max_chars: int, timeout: float):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         self.max_chars, self.timeout = max_chars, timeout
+        self._last: tuple[str, jinja2.Template] | None = None  # a Runner renders one template: compile it once
         self.filters = {name: self._bounded(f) for name, f in {**self.filters, "tojson": _tojson}.items()}
         self.globals.update(raise_exception=_raise, strftime_now=_strftime_now)
 
@@ -133,12 +133,11 @@ class TemplateLimits(ImmutableSandboxedEnvironment):
         def bounded(*args, **kwargs):
             self._check_ints([*args, *kwargs.values()])
             return f(*args, **kwargs)
-        for attr in ("jinja_pass_arg",):  # jinja's pass_context/pass_environment marks must survive the wrapper
-            if hasattr(f, attr):
-                setattr(bounded, attr, getattr(f, attr))
+        if hasattr(f, "jinja_pass_arg"):  # jinja's pass_context/pass_environment mark must survive the wrapper
+            bounded.jinja_pass_arg = f.jinja_pass_arg
         return bounded
 
-    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
+    def call(__self, __context, __obj, *args, **kwargs):  # jinja's own signature
         __self._check_ints([*args, *kwargs.values()])
         return super().call(__context, __obj, *args, **kwargs)
 
@@ -150,8 +149,10 @@ class TemplateLimits(ImmutableSandboxedEnvironment):
         if operator == "**" and isinstance(left, int) and isinstance(right, int) \
                 and abs(left) > 1 and right * abs(left).bit_length() > 64 * 1024:
             raise TemplateError(f"the template computes {left} ** {right}, too large a number")
-        if operator == "%" and isinstance(left, str):
+        if operator == "%" and isinstance(left, str):  # printf widths, written or taken from the arguments (*)
             self._check_ints(int(w) for w in re.findall(r"%[-+ #0]*(\d+)", left))
+            if "*" in left:
+                self._check_ints(right if isinstance(right, tuple) else [right])
         return super().call_binop(context, operator, left, right)
 
     def render(self, template: str | None, messages: list[dict], tokens: dict,
@@ -190,12 +191,14 @@ class TemplateLimits(ImmutableSandboxedEnvironment):
             sys.settrace(previous)
         return "".join(pieces)
 
-    @functools.lru_cache(maxsize=4)  # noqa: B019 (a Runner's renderer lives as long as the Runner)
-    def _compiled(self, template: str):
-        try:
-            return self.from_string(template)
-        except TemplateError as e:
-            raise ValueError(f"chat template failed: {e}") from None
+    def _compiled(self, template: str) -> jinja2.Template:
+        last = self._last  # one read: callers' threads render at once (a lost update only costs a compile)
+        if last is None or last[0] != template:
+            try:
+                last = self._last = template, self.from_string(template)
+            except TemplateError as e:
+                raise ValueError(f"chat template failed: {e}") from None
+        return last[1]
 
 
 def render(template: str | None, messages: list[dict], tokens: dict, add_generation_prompt: bool = True) -> str:
