@@ -80,8 +80,13 @@ def check_args(args: ModelArgs, where: str) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and lo < value <= hi):
                 raise ValueError(f"{where}: {f.name!r} must be a finite number in ({lo}, {hi}], got {value!r}")
-        elif f.name == "rope_scaling" and value is not None and not isinstance(value, dict):
-            raise ValueError(f"{where}: 'rope_scaling' must be an object or null, got {value!r}")
+        elif f.name == "rope_scaling" and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: 'rope_scaling' must be an object or null, got {value!r}")
+            bad = {k: v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not (math.isfinite(v) and v > 0)}
+            if bad:
+                raise ValueError(f"{where}: rope_scaling values must be finite and positive, got {bad}")
         elif f.name == "hidden_act" and not isinstance(value, str):
             raise ValueError(f"{where}: 'hidden_act' must be a string, got {value!r}")
     if args.num_attention_heads % args.num_key_value_heads:

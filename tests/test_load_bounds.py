@@ -69,6 +69,7 @@ BAD_CONFIGS = [
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
     ({"rope_parameters": [1]}, "rope_parameters"),
     ({"intermediate_size": None}, "intermediate_size"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "rope_scaling"),
 ]
 
 
