@@ -173,6 +173,7 @@ def test_soak_with_streaming_cancellation(tiny_models, n, max_seqs, cache):
             for i in range(k, len(plan), 16):
                 kind, p, n = plan[i]
                 req = dict(prompt=prompts[p], model="m", max_tokens=n, temperature=0)
+                long = {**req, "max_tokens": LONG}
                 try:
                     if kind == "whole":
                         got = json.loads(runner.send_completion_request(CompletionRequest(**req)))["choices"][0]["text"]
@@ -182,12 +183,12 @@ def test_soak_with_streaming_cancellation(tiny_models, n, max_seqs, cache):
                         got = "".join(json.loads(c)["choices"][0]["text"] for c in s)
                         assert got == expected[p, n], (i, got)
                     elif kind == "abandon":
-                        s = runner.send_completion_request(CompletionRequest(**{**req, "max_tokens": LONG}, stream=True))
+                        s = runner.send_completion_request(CompletionRequest(**long, stream=True))
                         for _, _ in zip(range(i % 3), s):
                             pass
                         del s
                     elif kind == "abort":
-                        s = runner.send_completion_request(CompletionRequest(**{**req, "max_tokens": LONG}, stream=True))
+                        s = runner.send_completion_request(CompletionRequest(**long, stream=True))
                         runner.abort(s.id)
                         try:
                             for _ in s:
@@ -196,8 +197,7 @@ def test_soak_with_streaming_cancellation(tiny_models, n, max_seqs, cache):
                             pass
                     else:
                         try:
-                            runner.send_completion_request(CompletionRequest(**{**req, "max_tokens": LONG},
-                                                                             timeout=0.05))
+                            runner.send_completion_request(CompletionRequest(**long, timeout=0.05))
                         except TimeoutError:
                             pass
                 except Exception as e:

@@ -109,8 +109,9 @@ print("codes", codes)
 
 def test_exit_without_close_is_clean(tiny_models):
     """A script that exits with the engine mid-step and callers still waiting: no SIGABRT ("terminate called
-    without an active exception"; before the exit join, 20 forked runs in 20 aborted), no hang. One fresh interpreter, then
-    20 forked children of an interpreter that has imported mistralrs (cheaper than 20 interpreters, same exit)."""
+    without an active exception"; before the exit join, 20 forked runs in 20 aborted), no hang. One fresh
+    interpreter, then 20 forked children of an interpreter that has imported mistralrs (cheaper than 20
+    interpreters, same exit)."""
     p = run_python(EXIT, str(tiny_models["llama"]), timeout=120)
     assert p.returncode == 0 and "exiting" in p.stdout and "terminate called" not in p.stderr, p.stderr[-2000:]
     p = run_python(FORKED, str(tiny_models["llama"]), "20", timeout=300)
