@@ -11,10 +11,11 @@ from .loader import (
     XLoraQuantizedLoader,
 )
 from .requests import ChatCompletionRequest, CompletionRequest, DType, ModelKind
-from .runner import ChatCompletionStreamer, Runner
+from .runner import ChatCompletionStreamer, RequestAborted, Runner
 
 __all__ = [
     "NormalLoader", "XLoraLoader", "QuantizedLoader", "XLoraQuantizedLoader",
     "MistralLoader", "GemmaLoader", "LlamaLoader", "MixtralLoader", "Phi2Loader",
     "Runner", "ChatCompletionStreamer", "ChatCompletionRequest", "CompletionRequest", "ModelKind", "DType",
+    "RequestAborted",
 ]

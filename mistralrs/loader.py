@@ -1,5 +1,6 @@
 """The loaders of the API: five architecture classes and the four wrappers that pick a model kind."""
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,13 +15,14 @@ from .load.gguf import read_gguf
 from .load.gguf_model import load_gguf_model
 from .load.safetensors import load_state, read_safetensors
 from .load.tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
-from .model_args import read_json
+from .model_args import check_args, parameter_count, read_json
 from .models import gemma, llama, mistral, mixtral, phi2
 from .models.xlora import load_xlora
-from .requests import ModelKind, model_dtype
+from .requests import Limits, ModelKind, model_dtype
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192
+MAX_BLOCK_SIZE = 1024
 
 @dataclass
 class LoaderOptions:
@@ -77,7 +79,10 @@ class ArchLoader:
     def load(self, token_source="cache", max_seqs=16, truncate_sequence=False, logfile=None, revision=None,
              token_source_value=None, dtype=None, *, device=None, kv_cache_tokens=None, block_size=16,
              quantized_revision=None, xlora_revision=None, threads=None, prefix_caching=True,
-             max_batched_tokens=2048):
+             max_batched_tokens=2048, max_choices=Limits.max_choices,
+             max_stop_strings=Limits.max_stop_strings, max_stop_length=Limits.max_stop_length,
+             max_prompt_chars=Limits.max_prompt_chars, max_template_chars=Limits.max_template_chars,
+             template_timeout=Limits.template_timeout):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
@@ -87,8 +92,12 @@ class ArchLoader:
         int >= 1; default: torch's thread count in the calling thread, at most one per physical core),
         `prefix_caching` (reuse the KV blocks of prompt prefixes already computed; default True),
         `max_batched_tokens` (tokens one step computes at most; longer prompts are prefilled in chunks while the
-        running sequences keep decoding; default 2048)."""
-        from .runner import Runner, cpu_threads
+        running sequences keep decoding; default 2048).
+        Bounds on one request's work, each a clear ValueError when passed: `max_choices` (n_choices and best_of),
+        `max_stop_strings` and `max_stop_length` (characters of each), `max_prompt_chars` (characters given to the
+        tokenizer), `max_template_chars` (characters a chat template may render) and `template_timeout` (seconds
+        it may run)."""
+        from .runner import JsonLines, Runner, cpu_threads
 
         o = self.options
         if o.model_id is None and not o.kind.is_quantized:
@@ -97,6 +106,11 @@ class ArchLoader:
         if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
             raise ValueError(f"max_seqs must be an int >= 1, got {max_seqs!r}")
         threads = cpu_threads(threads)
+        limits = Limits(max_choices=max_choices, max_stop_strings=max_stop_strings, max_stop_length=max_stop_length,
+                        max_prompt_chars=max_prompt_chars, max_template_chars=max_template_chars,
+                        template_timeout=template_timeout)
+        JsonLines(logfile)  # a bad logfile or KV option fails before the model loads
+        check_kv_options(kv_cache_tokens, block_size)
         token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = model_dtype(dtype, device)
@@ -113,7 +127,8 @@ class ArchLoader:
             max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
             repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
-                      threads=threads, prefix_caching=prefix_caching, max_batched_tokens=max_batched_tokens)
+                      threads=threads, limits=limits, prefix_caching=prefix_caching,
+                      max_batched_tokens=max_batched_tokens)
 
     def _normal(self, token, revision, dtype, device) -> "Loaded":
         o, m = self.options, self.module
@@ -122,7 +137,14 @@ class ArchLoader:
         if cfg.get("model_type") not in m.MODEL_TYPES:
             raise ValueError(f"{o.model_id}: config.json has model_type {cfg.get('model_type')!r}, but "
                              f"{type(self).__name__} loads model_type {' or '.join(map(repr, m.MODEL_TYPES))}")
-        args = m.Args.from_hf(cfg)
+        try:
+            args = m.Args.from_hf(cfg)
+        except (TypeError, AttributeError, ZeroDivisionError, KeyError) as e:  # values of the wrong type or zero
+            raise ValueError(f"{files.config}: {type(e).__name__}: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{files.config}: {e}") from None
+        check_args(args, str(files.config))
+        check_fits(f"{files.config}: the weights", parameter_count(args) * dtype.itemsize, device)
         with torch.device("meta"):
             model = m.build(args)
         load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
@@ -159,6 +181,7 @@ class ArchLoader:
         else:
             qfile = read_ggml(path, gqa=o.gqa or 1)
         check_architecture(qfile, type(self))
+        check_fits(f"{path}: the weights", quantized_weight_bytes(qfile, dtype), device)
         model, args = load_gguf_model(m, qfile, dtype, device)
         return model, args, qfile
 
@@ -178,22 +201,72 @@ def kv_cache(args, dtype, device, kv_cache_tokens, block_size,
              kv_sets: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The paged KV cache: per layer, K and V [NB, BS, KVH, D]; kv_sets of them per model layer under one block
     table (X-LoRA: 2). The model runner holds them; the scheduler's block manager hands out their NB blocks."""
-    if block_size < 1:
-        raise ValueError(f"the KV cache needs blocks of at least one token (got block_size={block_size})")
+    check_kv_options(kv_cache_tokens, block_size)
     n_layers = kv_sets * args.num_hidden_layers
     per_token = 2 * n_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
     if kv_cache_tokens is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            kv_cache_tokens = int(0.9 * free) // per_token
+            kv_cache_tokens = max(block_size, int(0.9 * free) // per_token)
         else:
             kv_cache_tokens = CPU_KV_CACHE_TOKENS
-    num_blocks = max(1, kv_cache_tokens // block_size)
+    num_blocks = kv_cache_tokens // block_size
+    check_fits(f"a KV cache of {num_blocks * block_size} tokens", num_blocks * block_size * per_token, device)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
              num_blocks * block_size * per_token / 2**20)
     shape = (num_blocks, block_size, args.num_key_value_heads, args.head_dim)  # [NB, BS, KVH, D]
     return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(n_layers)]
+
+
+def quantized_weight_bytes(qfile, dtype: torch.dtype) -> int:
+    """What a GGUF/GGML file's weights take once loaded: quantized tensors keep their bytes, float ones become dtype."""
+    return sum(t.data.nbytes if t.quantized else math.prod(t.shape) * dtype.itemsize for t in qfile.tensors.values())
+
+
+def check_kv_options(kv_cache_tokens, block_size) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
+    if kv_cache_tokens is not None and (isinstance(kv_cache_tokens, bool) or not isinstance(kv_cache_tokens, int)
+                                        or kv_cache_tokens < block_size):
+        raise ValueError(f"kv_cache_tokens must be an int >= block_size ({block_size}) or None, "
+                         f"got {kv_cache_tokens!r}")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process may still allocate on device: free GPU memory, or on the CPU the least of the system's
+    available memory, the cgroup's room and the address-space limit (None when none can be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    room = []
+    try:
+        with open("/proc/meminfo") as f:
+            room += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            room.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                room.append(soft - int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(room) if room else None
+
+
+def check_fits(what: str, nbytes: int, device: torch.device) -> None:
+    """Refuse an allocation that cannot succeed, before trying it (a corrupt config must not swap the machine)."""
+    room = available_memory(device)
+    if room is not None and nbytes > room:
+        raise ValueError(f"{what} would need {nbytes / 2**30:.1f} GiB on {device}, only {max(room, 0) / 2**30:.1f} "
+                         f"GiB are available")
 
 
 class MistralLoader(ArchLoader):

@@ -1,7 +1,8 @@
 """Model hyperparameters: the fields every architecture shares, read from a Hugging Face config.json or from the
 metadata of a GGUF file (llama.cpp's key names)."""
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -23,11 +24,27 @@ class ModelArgs:
     hidden_act: str = "silu"
 
 
+# Sane bounds on the hyperparameters, about ten times the largest published models: a corrupt or hostile file must
+# fail here, before a meta-device build of a million layers or an allocation of terabytes.
+INT_BOUNDS = {
+    "vocab_size": (1, 2**22), "hidden_size": (1, 2**17), "intermediate_size": (1, 2**20),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 2048), "num_key_value_heads": (1, 2048),
+    "head_dim": (1, 4096), "max_position_embeddings": (1, 2**24), "sliding_window": (1, 2**24),
+    "num_local_experts": (1, 1024), "num_experts_per_tok": (1, 1024),
+}
+FLOAT_BOUNDS = {"norm_eps": (0.0, 1.0), "rope_theta": (0.0, 1e12), "partial_rotary_factor": (0.0, 1.0)}
+
+
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests JSON too deeply") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def require(cfg: dict, key: str, where: str = "config.json"):
@@ -36,10 +53,66 @@ def require(cfg: dict, key: str, where: str = "config.json"):
     return cfg[key]
 
 
+def _int(value, key: str, where: str, bounds: str | None = None) -> int:
+    """An int field as a file gives it: a str "4096" or a float is refused, naming the key. bounds: the field
+    whose INT_BOUNDS apply (default: key's own)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}: {key!r} must be an integer, got {value!r}")
+    lo, hi = INT_BOUNDS.get(bounds or key, (1, 2**31 - 1))
+    if not lo <= value <= hi:
+        raise ValueError(f"{where}: {key!r} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_args(args: ModelArgs, where: str) -> None:
+    """Every hyperparameter of any architecture's Args against its type and bounds (INT_BOUNDS, FLOAT_BOUNDS; other
+    ints in [0, 2**31)), and the head layout; `where` names the file in the error."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(f.default, bool) or f.name == "tie_word_embeddings":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {f.name!r} must be true or false, got {value!r}")
+        elif f.name in INT_BOUNDS or f.type is int:
+            if value is not None or f.name not in ("sliding_window",):
+                _int(value, f.name, where)
+        elif f.name in FLOAT_BOUNDS or f.type is float:
+            lo, hi = FLOAT_BOUNDS.get(f.name, (-1e12, 1e12))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and lo < value <= hi):
+                raise ValueError(f"{where}: {f.name!r} must be a finite number in ({lo}, {hi}], got {value!r}")
+        elif f.name == "rope_scaling" and value is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: 'rope_scaling' must be an object or null, got {value!r}")
+            bad = {k: v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not (math.isfinite(v) and v > 0)}
+            if bad:
+                raise ValueError(f"{where}: rope_scaling values must be finite and positive, got {bad}")
+        elif f.name == "hidden_act" and not isinstance(value, str):
+            raise ValueError(f"{where}: 'hidden_act' must be a string, got {value!r}")
+    if args.num_attention_heads % args.num_key_value_heads:
+        raise ValueError(f"{where}: num_key_value_heads ({args.num_key_value_heads}) must divide "
+                         f"num_attention_heads ({args.num_attention_heads})")
+    if getattr(args, "num_experts_per_tok", 0) > getattr(args, "num_local_experts", 1 << 30):
+        raise ValueError(f"{where}: num_experts_per_tok ({args.num_experts_per_tok}) is more than "
+                         f"num_local_experts ({args.num_local_experts})")
+
+
+def parameter_count(args: ModelArgs) -> int:
+    """About how many weights the model has (embeddings, attention, MLP per expert; norms and biases left out)."""
+    q, kv = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    attention = args.hidden_size * (2 * q + 2 * kv)
+    mlp = 3 * args.hidden_size * args.intermediate_size * getattr(args, "num_local_experts", 1)
+    embeddings = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
+    return embeddings + args.num_hidden_layers * (attention + mlp)
+
+
 def common_hf_fields(cfg: dict, *, norm_eps_key: str = "rms_norm_eps") -> dict:
     """The ModelArgs fields as Hugging Face configs spell them (head_dim defaults to hidden / heads)."""
-    hidden, heads = require(cfg, "hidden_size"), require(cfg, "num_attention_heads")
+    hidden = _int(require(cfg, "hidden_size"), "hidden_size", "config.json")
+    heads = _int(require(cfg, "num_attention_heads"), "num_attention_heads", "config.json")
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"config.json: 'rope_parameters' must be an object, got {rope!r}")
     return dict(
         vocab_size=require(cfg, "vocab_size"),
         hidden_size=hidden,
@@ -102,21 +175,27 @@ def _gguf_rope_scaling(md: dict) -> dict | None:
 
 
 def common_gguf_fields(md: dict, *, norm_eps_key: str = "attention.layer_norm_rms_epsilon") -> dict:
-    """The ModelArgs fields as llama.cpp's GGUF metadata spells them (`llama.embedding_length`, ...)."""
+    """The ModelArgs fields as llama.cpp's GGUF metadata spells them (`llama.embedding_length`, ...); an integer
+    field of the wrong type or out of bounds is a ValueError naming its GGUF key."""
     require(md, "general.architecture", GGUF)
-    hidden, heads = gguf_require(md, "embedding_length"), gguf_require(md, "attention.head_count")
-    kv_heads = gguf_get(md, "attention.head_count_kv", heads)
-    if isinstance(heads, list) or isinstance(kv_heads, list):
-        raise ValueError(f"{GGUF}: per-layer attention head counts are not supported")
+    arch = md.get("general.architecture")
+
+    def integer(key, field, default=None):
+        value = gguf_require(md, key) if default is None else gguf_get(md, key, default)
+        if isinstance(value, list):
+            raise ValueError(f"{GGUF}: per-layer values of {arch}.{key} are not supported")
+        return _int(value, f"{arch}.{key}", GGUF, bounds=field)
+
+    hidden, heads = integer("embedding_length", "hidden_size"), integer("attention.head_count", "num_attention_heads")
     return dict(
-        vocab_size=gguf_require(md, "vocab_size"),
+        vocab_size=integer("vocab_size", "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=gguf_require(md, "feed_forward_length"),
-        num_hidden_layers=gguf_require(md, "block_count"),
+        intermediate_size=integer("feed_forward_length", "intermediate_size"),
+        num_hidden_layers=integer("block_count", "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=gguf_get(md, "attention.key_length") or hidden // heads,
-        max_position_embeddings=gguf_get(md, "context_length", 4096),
+        num_key_value_heads=integer("attention.head_count_kv", "num_key_value_heads", heads),
+        head_dim=integer("attention.key_length", "head_dim", hidden // heads),
+        max_position_embeddings=integer("context_length", "max_position_embeddings", 4096),
         norm_eps=gguf_get(md, norm_eps_key, 1e-5),
         rope_theta=gguf_get(md, "rope.freq_base", 10000.0),
         rope_scaling=_gguf_rope_scaling(md),

@@ -20,30 +20,67 @@ from .engine.sampling import SamplingParams
 from .engine.scheduler import Scheduler
 from .engine.sequence import Request, Sequence
 from .load import chat_template
-from .requests import ChatCompletionRequest, CompletionRequest
+from .requests import ChatCompletionRequest, CompletionRequest, Limits
 
 log = logging.getLogger("mistralrs")
 TRUNCATE_RESERVE = 10  # completion room kept by truncate_sequence when max_tokens is unset
 
 
-class ChatCompletionStreamer:
-    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished."""
+class RequestAborted(RuntimeError):
+    """Raised to the caller of a request that Runner.abort ended."""
 
-    def __init__(self, out: queue.Queue):
-        self._out = out
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class ChatCompletionStreamer:
+    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished.
+    `id` is the request's id (its chunks' `id`). close() (also on garbage collection and at the end of a `with`
+    block) aborts the request: its sequences stop and free their KV blocks at the engine's next step."""
+
+    def __init__(self, req: Request, engine: Engine):
+        self.id, self._out, self._deadline, self._engine = req.id, req.out, req.deadline, engine
+        self._done = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        item = self._out.get()
+        if self._done:
+            raise StopIteration
+        try:  # the timeout covers the request as its reader sees it: chunks queued past it are not handed out
+            if _remaining(self._deadline) == 0:
+                raise queue.Empty
+            item = self._out.get(timeout=_remaining(self._deadline))
+        except queue.Empty:
+            self._abort(TimeoutError(f"request {self.id} timed out"))
+            raise TimeoutError(f"request {self.id} did not finish within its timeout") from None
         if item is END:
-            self._out.put(END)  # later next() calls keep ending
+            self._done = True
             raise StopIteration
         if isinstance(item, BaseException):
-            self._out.put(END)
+            self._done = True
             raise item
         return json.dumps(item)
+
+    def _abort(self, error) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.id, error)
+
+    def close(self) -> None:
+        self._abort(None)
+
+    def __del__(self):
+        if hasattr(self, "_done"):  # __init__ finished
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def physical_cores() -> int:
@@ -72,15 +109,18 @@ def cpu_threads(threads) -> int:
 
 
 class Runner:
-    """Created by a loader's load(). Thread-safe: send requests from as many threads as you like."""
+    """Created by a loader's load(). Thread-safe: send requests from as many threads as you like. Every request
+    sent before, during or after close() gets an answer or an exception."""
 
-    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile: str | None,
-                 threads: int | None = None, prefix_caching: bool = True, max_batched_tokens: int = 2048):
+    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile, threads: int | None = None,
+                 limits: Limits | None = None, prefix_caching: bool = True, max_batched_tokens: int = 2048):
         if not isinstance(truncate_sequence, bool):
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
         threads = cpu_threads(threads)
         self.pipeline = pipeline
         self.truncate_sequence = truncate_sequence
+        self.limits = limits or Limits()
+        self.templates = chat_template.TemplateLimits(self.limits.max_template_chars, self.limits.template_timeout)
         mr = pipeline.model_runner
         if not isinstance(prefix_caching, bool):
             raise TypeError(f"prefix_caching must be a bool, got {prefix_caching!r}")
@@ -94,38 +134,46 @@ class Runner:
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
         log_response = self._log
         self.engine = Engine(pipeline, self.scheduler,
-                             on_response=(lambda r: log_response("response", r)) if logfile else None)
+                             on_response=(lambda r: log_response("response", r)) if logfile is not None else None)
         # torch's thread count belongs to the thread that sets it (and seeds threads started later).
         self.engine.call(lambda: torch.set_num_threads(threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):
             raise TypeError(f"expected a ChatCompletionRequest, got {type(request).__name__}")
+        request = request.frozen()  # from here on, what the caller does to its object cannot reach the engine
         p = self.pipeline
+        self._check_choices(request.n_choices, 1)
         if isinstance(request.messages, str):
-            ids = p.tokenizer.encode(request.messages, add_special_tokens=True).ids
+            ids = self._encode(request.messages, add_special_tokens=True)
         else:
-            text = chat_template.render(p.chat_template, request.messages, p.special_tokens)
-            ids = p.tokenizer.encode(text, add_special_tokens=False).ids
+            self._check_chars("messages", sum(len(m["content"]) for m in request.messages))
+            text = self.templates.render(p.chat_template, request.messages, p.special_tokens)
+            ids = self._encode(text, add_special_tokens=False)
         self._check_token_ids("stop_token_ids", request.stop_token_ids or [])
+        stops = list(request.stop_seqs or [])
+        self._check_stops(stops)
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
         req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=list(request.stop_seqs or []),
-                         logprobs=request.logprobs)
+                         stop_token_ids=request.stop_token_ids or [], stop_strings=stops, logprobs=request.logprobs)
         self._grammar(req, request)
         return self._submit(req, request)
 
     def send_completion_request(self, request: CompletionRequest):
         if not isinstance(request, CompletionRequest):
             raise TypeError(f"expected a CompletionRequest, got {type(request).__name__}")
+        request = request.frozen()
         if request.stream and request.best_of > request.n_choices:
             raise ValueError("best_of > n_choices cannot be streamed: the best candidates are known only at the end")
-        ids = self.pipeline.tokenizer.encode(request.prompt, add_special_tokens=True).ids
+        self._check_choices(request.n_choices, request.best_of)
+        stops = list(request.stop_seqs or [])
+        self._check_stops(stops)
+        ids = self._encode(request.prompt, add_special_tokens=True)
         # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
         params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=list(request.stop_seqs or []), logprobs=False)
+                         stop_token_ids=[], stop_strings=stops, logprobs=False)
         req.echo = request.prompt if request.echo_prompt else ""
         self._grammar(req, request)
         req.suffix = request.suffix or ""
@@ -136,10 +184,19 @@ class Runner:
             for seq in req.seqs:
                 seq.matcher = self.grammars.matcher(request.grammar, request.grammar_type)
 
+    def abort(self, request_id: str) -> None:
+        """End a request in flight: its caller gets RequestAborted (a stream's reader, from next()), its sequences
+        stop and free their KV blocks at the engine's next step. An unknown or finished id is ignored. The id is the
+        response's `id`: a request's own `request_id=`, or a streamer's `id`."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {request_id!r}")
+        self.engine.abort(request_id, RequestAborted(f"request {request_id} was aborted"))
+
     @contextlib.contextmanager
     def profiler(self, **profile_kwargs):
         """torch.profiler.profile(**profile_kwargs) recording the engine thread while the block runs
-        (tools/profile_engine.py). The profiler records the thread that starts it, so it is started in the engine."""
+        (tools/profile_engine.py). The profiler records the thread that starts it, so it is started in the engine.
+        After close() it raises RuntimeError."""
         prof = torch.profiler.profile(**profile_kwargs)
         self.engine.call(prof.start)
         try:
@@ -156,12 +213,14 @@ class Runner:
         return out
 
     def close(self) -> None:
-        """Stop the engine thread. Requests still in flight get an error."""
+        """Stop the engine thread after its current step. Requests in flight, and any sent from now on, get a
+        RuntimeError."""
         self.engine.stop()
 
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None and engine.thread.is_alive():
+            engine.closed = True  # nobody else holds this Runner, so nobody is sending: no lock needed
             engine.inbox.put(STOP)  # no join: __del__ may run on any thread, the engine's own included
 
     def __enter__(self):
@@ -169,6 +228,35 @@ class Runner:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _check_choices(self, n_choices: int, best_of: int) -> None:
+        m = self.limits.max_choices
+        for name, n in (("n_choices", n_choices), ("best_of", best_of)):
+            if n > m:
+                raise ValueError(f"{name}={n} is over the limit of {m} (load(max_choices=...))")
+
+    def _check_stops(self, stops: list[str]) -> None:
+        lim = self.limits
+        if len(stops) > lim.max_stop_strings:
+            raise ValueError(f"stop_seqs has {len(stops)} strings, over the limit of {lim.max_stop_strings} "
+                             f"(load(max_stop_strings=...))")
+        if stops and max(map(len, stops)) > lim.max_stop_length:
+            raise ValueError(f"a stop string has {max(map(len, stops))} characters, over the limit of "
+                             f"{lim.max_stop_length} (load(max_stop_length=...))")
+
+    def _check_chars(self, what: str, n: int) -> None:
+        if n > self.limits.max_prompt_chars:
+            raise ValueError(f"{what} has {n} characters, over the limit of {self.limits.max_prompt_chars} "
+                             f"(load(max_prompt_chars=...))")
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self._check_chars("the prompt", len(text))
+        try:  # encode_batch releases the GIL (encode holds it: a long prompt would stall the engine thread)
+            return self.pipeline.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # tokenizers' PanicException is a BaseException, not an Exception
+            raise ValueError(f"the tokenizer failed on the prompt: {type(e).__name__}: {e}") from None
 
     def _check_token_ids(self, name: str, ids) -> None:
         for t in ids:
@@ -209,14 +297,16 @@ class Runner:
         if r.max_tokens is not None:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
-        req = Request(chat=chat, id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", seqs=[],
-                       n_return=n_return, stream=r.stream, logprobs=logprobs)
+        rid = r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        req = Request(chat=chat, id=rid, seqs=[], n_return=n_return, stream=r.stream, logprobs=logprobs,
+                      deadline=None if r.timeout is None else time.monotonic() + r.timeout)
+        stops = StopStrings(stop_strings) if stop_strings else None  # the tables once, a matcher per choice
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
             req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
                                      params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
-                                     stops=StopStrings(stop_strings) if stop_strings else None,
+                                     stops=stops.fresh() if stops else None,
                                      prefix_offset=len(ids), read_offset=len(ids)))
         return req
 
@@ -224,21 +314,38 @@ class Runner:
         self._log("request", repr(request))
         self.engine.submit(req)
         if req.stream:
-            return ChatCompletionStreamer(req.out)
-        result = req.out.get()
+            return ChatCompletionStreamer(req, self.engine)
+        try:
+            result = req.out.get(timeout=_remaining(req.deadline))
+        except queue.Empty:
+            self.engine.abort(req.id, TimeoutError(f"request {req.id} timed out"))
+            raise TimeoutError(f"request {req.id} did not finish within its timeout") from None
+        except BaseException:  # interrupted while waiting (KeyboardInterrupt): the request must not go on
+            self.engine.abort(req.id, None)
+            raise
+        if result is END:
+            raise RequestAborted(f"request {req.id} was aborted")
         if isinstance(result, BaseException):
             raise result
         return json.dumps(result)
 
 
 class JsonLines:
-    """The `logfile`: one JSON object a line per request, response and chunk (None: no log)."""
+    """The `logfile`: one JSON object a line per request, response and chunk (None: no log). Created mode 0600:
+    it holds every prompt and reply."""
 
-    def __init__(self, path: str | None):
-        self.path, self.lock = path, threading.Lock()
+    def __init__(self, path):
+        if path is not None and (isinstance(path, bool) or not isinstance(path, (str, os.PathLike))):
+            raise TypeError(f"logfile must be a path (str or os.PathLike) or None, got {path!r}")
+        self.path, self.lock = (None if path is None else os.fspath(path)), threading.Lock()
+        if self.path is not None:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # fail at load, not later
 
     def __call__(self, kind: str, payload) -> None:
         if self.path is None:
             return
-        with self.lock, open(self.path, "a") as f:
-            f.write(json.dumps({"time": time.time(), kind: payload}) + "\n")
+        line = json.dumps({"time": time.time(), kind: payload}) + "\n"
+        with self.lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "a", closefd=True) as f:
+                f.write(line)

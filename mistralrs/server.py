@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .runner import RequestAborted
 from .server_fields import APIError, chat_request, completion_request, include_usage, param_of
 from .server_metrics import Metrics
 
@@ -114,6 +115,8 @@ class Server:
             return error(400, str(e), param=param_of(str(e)))
         except TimeoutError as e:
             return error(408, str(e), "timeout")
+        except RequestAborted as e:  # its client went away (nginx's 499: nobody reads it)
+            return error(499, str(e), "aborted")
         if req.stream:
             return StreamingResponse(self._events(result, include_usage(body), start), headers=headers,
                                      media_type="text/event-stream")
@@ -141,10 +144,7 @@ class Server:
         while not call.done():
             await asyncio.wait([call], timeout=0.1)
             if not call.done() and await request.is_disconnected():
-                abort = getattr(self.runner, "abort", None)
-                request_id = getattr(req, "request_id", None)
-                if abort is not None and request_id is not None:
-                    abort(request_id)
+                self.runner.abort(req.request_id)
                 break
         return await call
 
@@ -173,9 +173,7 @@ class Server:
         except Exception as e:  # the request failed in the engine: an error event, then the end
             yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         finally:
-            close = getattr(streamer, "close", None)
-            if close is not None:
-                close()
+            streamer.close()  # aborts the request unless it has ended
         yield "data: [DONE]\n\n"
 
 

@@ -10,10 +10,10 @@ are checked by the request classes; their ValueError / TypeError become 400s nam
 """
 import json
 import re
+import uuid
 
 from .requests import ChatCompletionRequest, CompletionRequest
 
-MAX_N = 128  # OpenAI's own bound on n
 SHARED = {"model", "n", "max_tokens", "stop", "seed", "logit_bias", "presence_penalty", "frequency_penalty",
           "temperature", "top_p", "stream", "stream_options", "top_k", "grammar", "grammar_type"}
 CHAT = SHARED | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
@@ -88,13 +88,6 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _n(body: dict) -> int:
-    n = body.get("n", 1)
-    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
-        raise _bad(f"n must be <= {MAX_N}, got {n}", "n")
-    return n
-
-
 def param_of(message: str) -> str | None:
     """The OpenAI field an error message of ours names first ("top_logprobs must be ...": top_logprobs; "the prompt
     has 600 tokens ...": prompt)."""
@@ -105,6 +98,8 @@ def param_of(message: str) -> str | None:
 
 
 def _build(cls, ignored: list[str], **fields):
+    """The request, with an id of its own so that a client that disconnects can abort it (Runner.abort)."""
+    fields["request_id"] = f"{'chatcmpl' if cls is ChatCompletionRequest else 'cmpl'}-{uuid.uuid4().hex}"
     try:
         return cls(**fields), ignored
     except (ValueError, TypeError) as e:
@@ -114,7 +109,7 @@ def _build(cls, ignored: list[str], **fields):
 def chat_request(body: dict, model: str) -> tuple[ChatCompletionRequest, list[str]]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     return _build(ChatCompletionRequest, sorted(set(body) - CHAT), messages=_messages(body), model=model,
-                  logprobs=body.get("logprobs", False), n_choices=_n(body), logit_bias=_logit_bias(body),
+                  logprobs=body.get("logprobs", False), n_choices=body.get("n", 1), logit_bias=_logit_bias(body),
                   top_logprobs=body.get("top_logprobs"), max_tokens=max_tokens,
                   presence_penalty=body.get("presence_penalty"), frequency_penalty=body.get("frequency_penalty"),
                   temperature=body.get("temperature"), top_p=body.get("top_p"), top_k=body.get("top_k"),
@@ -131,7 +126,7 @@ def completion_request(body: dict, model: str) -> tuple[CompletionRequest, list[
         raise _bad("logprobs is not supported on /v1/completions; use /v1/chat/completions", "logprobs")
     return _build(CompletionRequest, sorted(set(body) - COMPLETION - {"logprobs"}), prompt=prompt, model=model,
                   best_of=body.get("best_of", 1), echo_prompt=body.get("echo", False),
-                  logit_bias=_logit_bias(body), max_tokens=body.get("max_tokens", 16), n_choices=_n(body),
+                  logit_bias=_logit_bias(body), max_tokens=body.get("max_tokens", 16), n_choices=body.get("n", 1),
                   presence_penalty=body.get("presence_penalty"), frequency_penalty=body.get("frequency_penalty"),
                   stop_seqs=_stops(body), temperature=body.get("temperature"), top_p=body.get("top_p"),
                   top_k=body.get("top_k"), suffix=body.get("suffix"), seed=body.get("seed"),

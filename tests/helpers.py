@@ -179,3 +179,26 @@ def gguf_quantized(qtype, rows: int, K: int, rng: np.random.Generator) -> np.nda
     return np.ascontiguousarray(q).view(np.uint8).reshape(rows, -1)
 
 
+
+
+# ---- cases that could hang, abort or allocate without end ----
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, *args: str, timeout: float = 120, memory_gb: float | None = 8):
+    """Run `code` in a fresh interpreter (the package, tests/ and tools/ importable; argv[1:] = args) under a
+    wall-clock timeout and an address-space limit, so that a case that hangs, aborts or allocates without end fails
+    alone. Returns the CompletedProcess (stdout and stderr as text); a timeout raises subprocess.TimeoutExpired."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        if memory_gb is not None:
+            n = int(memory_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (n, n))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")])}
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)

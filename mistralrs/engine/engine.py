@@ -2,11 +2,18 @@
 
 inbox -> scheduler -> model step -> sample -> output.py (detokenize, stop checks, JSON) -> each request's reply
 queue / stream
+
+Callers talk to it only through the inbox: requests, aborts (a closed stream, Runner.abort, a timeout), calls and
+STOP. The inbox is a SimpleQueue, whose put() is safe from __del__ (a dropped streamer aborts its request there).
 """
+import atexit
 import contextlib
 import logging
 import queue
 import threading
+import time
+import weakref
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import record_function
@@ -20,6 +27,13 @@ from .sequence import Request, Sequence
 log = logging.getLogger("mistralrs")
 END = object()   # the last item of a stream's reply queue
 STOP = object()  # tells the engine thread to end
+EXIT_JOIN_S = 30  # how long interpreter exit waits for an engine to finish its step
+
+
+@dataclass
+class Abort:
+    request_id: str
+    error: BaseException | None  # what the request's caller gets; None: its stream's reader left, the stream ends
 
 
 def phase(name: str):
@@ -28,31 +42,61 @@ def phase(name: str):
     return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
+# Engines whose thread may still run. At interpreter exit each is stopped and joined (_stop_at_exit): a daemon thread
+# frozen inside a torch op while the process tears down its C++ state dies with SIGABRT.
+_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    for engine in list(_ENGINES):
+        engine.stop(timeout=EXIT_JOIN_S)
+
+
 class Engine:
     def __init__(self, pipeline, scheduler: Scheduler, on_response=None):
         """on_response(dict) sees every response and chunk sent (the Runner's logfile)."""
         self.pipeline, self.scheduler, self.on_response = pipeline, scheduler, on_response
         self.output = Output(pipeline.tokenizer, pipeline.model_id, pipeline.eos_token_ids)
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.live: dict[str, Request] = {}  # requests in flight by id; the engine thread's alone
+        self.timed: set[Request] = set()     # those of them with a deadline (most steps have none to check)
+        # closed is set, and STOP queued, under the lock that submit() and call() hold while they queue: whatever
+        # they queue is ahead of STOP, so the engine answers it before it stops.
+        self.lock, self.closed = threading.Lock(), False
         self.thread = threading.Thread(target=self._loop, name="mistralrs-engine", daemon=True)
         self.thread.start()
+        _ENGINES.add(self)
 
     def submit(self, req: Request) -> None:
-        if not self.thread.is_alive():
-            raise RuntimeError("the Runner's engine thread is not running (was close() called?)")
-        self.inbox.put(req)
+        with self.lock:
+            if self.closed or not self.thread.is_alive():
+                raise RuntimeError("the Runner is closed")
+            self.inbox.put(req)
+
+    def abort(self, request_id: str, error: BaseException | None) -> None:
+        """End a request at the next step, whatever it is doing; unknown or finished ids are ignored."""
+        self.inbox.put(Abort(request_id, error))
 
     def call(self, fn) -> None:
         """Run fn on the engine thread and wait for it (to start a profiler there, say); its error is raised here."""
         done, errors = threading.Event(), []
-        self.inbox.put((fn, done, errors))
+        with self.lock:
+            if self.closed or not self.thread.is_alive():
+                raise RuntimeError("the Runner is closed")
+            self.inbox.put((fn, done, errors))
         done.wait()
         if errors:
             raise errors[0]
 
-    def stop(self) -> None:
-        self.inbox.put(STOP)
-        self.thread.join()
+    def stop(self, timeout: float | None = None) -> None:
+        """Fail what is in flight and end the thread, after its current step. Idempotent."""
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.inbox.put(STOP)
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     def _send(self, req: Request, item) -> None:
         """Queue a response or chunk body (a dict, made JSON by the caller's thread), END, or an error."""
@@ -67,6 +111,7 @@ class Engine:
             try:
                 if not self._take_inbox():
                     return
+                self._expire()
                 self._step()
             except Exception as e:  # an engine bug must not leave callers waiting forever
                 log.exception("engine failure")
@@ -80,9 +125,11 @@ class Engine:
             item = self.inbox.get(block=not self.scheduler.has_work())
             while True:
                 if item is STOP:
-                    self._fail_all(RuntimeError("the Runner was closed"))
+                    self._shutdown()
                     return False
-                if isinstance(item, tuple):  # (fn, done, errors) from call()
+                if isinstance(item, Abort):
+                    self._abort(item)
+                elif isinstance(item, tuple):  # (fn, done, errors) from call()
                     fn, done, errors = item
                     try:
                         fn()
@@ -91,11 +138,33 @@ class Engine:
                     finally:
                         done.set()
                 else:
-                    for seq in item.seqs:
-                        self.scheduler.add(seq)
+                    self._admit(item)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return True
+
+    def _admit(self, req: Request) -> None:
+        if req.id in self.live:
+            req.out.put(ValueError(f"request_id {req.id!r} is already used by a request in flight"))
+            return
+        self.live[req.id] = req
+        if req.deadline is not None:
+            self.timed.add(req)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+
+    def _abort(self, a: Abort) -> None:
+        req = self.live.get(a.request_id)
+        if req is None:
+            return
+        self._fail(req, a.error if a.error is not None else END)
+
+    def _expire(self) -> None:
+        if not self.timed:
+            return
+        now = time.monotonic()
+        for req in [r for r in self.timed if r.deadline <= now]:
+            self._fail(req, TimeoutError(f"request {req.id} did not finish within its timeout"))
 
     def _step(self) -> None:
         with phase("mistralrs.schedule"):
@@ -104,35 +173,62 @@ class Engine:
                 self._finish(seq, "length")
         if not step.seqs:
             return
+        batch = step.seqs
         try:
             with phase("mistralrs.forward"):
-                batch = step.seqs
                 logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch), step.num_tokens)
-                # a prompt prefilled in chunks samples only after its last chunk
-                done = [i for i, s in enumerate(batch) if s.num_cached == len(s.tokens)]
-                if len(done) < len(batch):
-                    batch, logits = [batch[i] for i in done], logits[done]
-            if not batch:
-                return
-            with phase("mistralrs.sample"):
-                n = self.pipeline.repeat_last_n
-                allowed = allowed_tokens([s.matcher for s in batch], logits.shape[-1], logits.device)
-                sampled = sample(logits, [s.params for s in batch], [s.tokens[-n:] if n else [] for s in batch],
-                                 [s.generator for s in batch], allowed)
-            with phase("mistralrs.detokenize"):
-                for seq, tok, lp, top in zip(batch, sampled.tokens, sampled.logprobs, sampled.top):
-                    if seq.group.failed:
-                        continue
+        except Exception as e:  # a failed forward fails only the requests it touched
+            log.exception("engine step failed")
+            for req in {s.group for s in batch}:
+                if not req.answered:
+                    self._fail(req, e)
+            return
+        # a prompt prefilled in chunks samples only after its last chunk
+        done = [i for i, s in enumerate(batch) if s.num_cached == len(s.tokens)]
+        if len(done) < len(batch):
+            batch, logits = [batch[i] for i in done], logits[done]
+        if not batch:
+            return
+        with phase("mistralrs.sample"):
+            sampled = self._sample(batch, logits)
+        with phase("mistralrs.detokenize"):
+            for seq, (tok, lp, top) in zip(batch, sampled):
+                if seq.group.answered:  # failed in sampling, or an earlier sequence of its request failed
+                    continue
+                try:
                     reason = self.output.advance(seq, tok, lp, top)
                     if reason is not None:
                         self._finish(seq, reason)
                     elif seq.group.stream:
                         self._send(seq.group, self.output.chunk(seq))
-        except Exception as e:  # a failed step fails only the requests it touched
-            log.exception("engine step failed")
-            for req in {s.group for s in step.seqs}:
-                if not req.answered:
-                    self._fail(req, e)
+                except Exception as e:  # fails this request alone
+                    log.exception("output of request %s failed", seq.group.id)
+                    self._fail(seq.group, e)
+
+    def _sample(self, batch: list[Sequence], logits: torch.Tensor) -> list[tuple]:
+        """(token, logprob, top) per sequence. When the batch fails, each row is sampled alone and a row that
+        still fails fails its request only. sample() checks every row before drawing any token, so the rows that
+        are retried draw from their generators once, as they would have alone."""
+        n = self.pipeline.repeat_last_n
+
+        def run(seqs, rows):
+            allowed = allowed_tokens([s.matcher for s in seqs], rows.shape[-1], rows.device)
+            s = sample(rows, [q.params for q in seqs], [q.tokens[-n:] if n else [] for q in seqs],
+                       [q.generator for q in seqs], allowed)
+            return list(zip(s.tokens, s.logprobs, s.top))
+
+        try:
+            return run(batch, logits)
+        except Exception:
+            log.exception("sampling a batch of %d failed; sampling its rows one by one", len(batch))
+        out = []
+        for i, seq in enumerate(batch):
+            try:
+                out += run([seq], logits[i:i + 1])
+            except Exception as e:
+                self._fail(seq.group, e)
+                out.append((None, None, None))
+        return out
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -143,14 +239,38 @@ class Engine:
         if all(s.finished for s in req.seqs):
             self._send(req, END if req.stream else self.output.response(req))
             req.answered = True
+            self._forget(req)
 
-    def _fail(self, req: Request, error: BaseException) -> None:
+    def _fail(self, req: Request, error, release: bool = True) -> None:
+        """Answer req with error (or END: its stream just ends) and drop its sequences, freeing their blocks."""
         req.failed = req.answered = True
+        if release:
+            self.scheduler.remove_all(req.seqs)
         for seq in req.seqs:
-            self.scheduler.remove(seq)
             seq.finish_reason = seq.finish_reason or "error"
+        self._forget(req)
         req.out.put(error)
 
+    def _forget(self, req: Request) -> None:
+        self.live.pop(req.id, None)
+        self.timed.discard(req)
+
     def _fail_all(self, error: BaseException) -> None:
-        for req in {s.group for s in list(self.scheduler.running) + list(self.scheduler.waiting)}:
-            self._fail(req, error)
+        self.scheduler.clear()  # at once: one by one would be quadratic in a large backlog
+        for req in list(self.live.values()):
+            self._fail(req, error, release=False)
+
+    def _shutdown(self) -> None:
+        """STOP: everything in flight, and anything still queued behind STOP, gets an error."""
+        closed = RuntimeError("the Runner was closed")
+        self._fail_all(closed)
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Request):
+                item.out.put(closed)
+            elif isinstance(item, tuple):
+                item[2].append(closed)
+                item[1].set()

@@ -4,8 +4,6 @@ advance(seq, token): the token joins the sequence; EOS, stop tokens, the grammar
 strings decide whether it finishes. chunk(seq): a stream's next chunk, holding back text that may still turn into a
 stop string. response(req): the final response once every sequence of the request has finished.
 """
-import functools
-
 from .. import responses
 from .sequence import Request, Sequence
 
@@ -89,15 +87,21 @@ def detokenize(tokenizer, seq: Sequence, end: int, final: bool) -> None:
 
 class StopStrings:
     """Stop strings found in a text that arrives piece by piece: one Knuth-Morris-Pratt automaton per string, so
-    the work is linear in the text whatever the strings' lengths. state[j] is the length of the longest start of
-    strings[j] that the text so far ends with: what a stream must hold back."""
+    the work is linear: building the tables is linear in the strings' total length, and feeding a text of n
+    characters costs O(n) per string (each character moves a state up by at most one, and each fallback moves it
+    down), whatever the strings' lengths. state[j] is the length of the longest start of strings[j] that the text so
+    far ends with: what a stream must hold back."""
 
-    def __init__(self, strings: list[str]):
+    def __init__(self, strings: list[str], fallbacks: list[tuple[int, ...]] | None = None):
         if not all(strings):
             raise ValueError(f"stop strings must be non-empty, got {strings!r}")
         self.strings = strings
-        self.fallback = [fallback(s) for s in strings]
+        self.fallback = fallbacks if fallbacks is not None else [fallback(s) for s in strings]
         self.state = [0] * len(strings)
+
+    def fresh(self) -> "StopStrings":
+        """A matcher of the same strings at the start of a text, sharing the tables (one per choice)."""
+        return StopStrings(self.strings, self.fallback)
 
     def feed(self, piece: str) -> int | None:
         """Extend the text by piece; where in piece the earliest stop string starts, if one is now complete."""
@@ -120,7 +124,6 @@ class StopStrings:
         return max(self.state, default=0)
 
 
-@functools.cache
 def fallback(s: str) -> tuple[int, ...]:
     """KMP's failure function: back[k] is the length of the longest proper prefix of s[:k] that is also its
     suffix (k = 1 .. len(s)); where a partial match of length k fails, the search resumes from back[k]."""

@@ -22,6 +22,11 @@ class SamplingParams:
     logprobs: bool = False  # compute the sampled token's logprob: reported, or ranked by best_of
     top_logprobs: int = 0
 
+    def __post_init__(self):
+        # logit_bias as tensors, made once in the caller's thread: a step's bias costs no Python loop over entries
+        self.bias_ids = torch.tensor(list(self.logit_bias), dtype=torch.int64)
+        self.bias_values = torch.tensor(list(self.logit_bias.values()), dtype=torch.float32)
+
 
 @dataclass
 class Sampled:
@@ -74,10 +79,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
         logits = apply_penalties(logits, recent, col([p.presence_penalty for p in params]),
                                  col([p.frequency_penalty for p in params]))
     if any(p.logit_bias for p in params):
-        at = [(b, tok, value) for b, p in enumerate(params) for tok, value in p.logit_bias.items()]
-        rows, cols, values = zip(*at)
+        biased = [(b, p) for b, p in enumerate(params) if p.logit_bias]
+        rows = torch.cat([torch.full((len(p.bias_ids),), b, dtype=torch.int64) for b, p in biased])
+        cols = torch.cat([p.bias_ids for _, p in biased])
         bias = torch.zeros(B, V, device=dev)
-        bias[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = col(values)
+        bias[rows.to(dev), cols.to(dev)] = torch.cat([p.bias_values for _, p in biased]).to(dev)
         logits = logits + bias
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -88,9 +94,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
         picked = [params[b] for b in rows]
         scaled = logits[rows] / col([p.temperature for p in picked])[:, None]
         if any(p.top_k or p.top_p for p in picked):  # the sort over the vocabulary only when a filter is on
-            scaled = top_k_top_p_mask(scaled, torch.tensor([p.top_k or V for p in picked], device=dev),
+            scaled = top_k_top_p_mask(scaled, torch.tensor([min(p.top_k or V, V) for p in picked], device=dev),
                                       col([p.top_p or 1.0 for p in picked]))
         probs = torch.softmax(scaled, dim=-1)
+        # Every row is checked before any draws: a bad row raises here, with no generator advanced, and the
+        # engine resamples the others alone (engine.Engine._sample). multinomial would refuse it anyway on CPU.
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("sampling met non-finite probabilities (NaN or infinite logits)")
         drawn = [torch.multinomial(probs[i], 1, generator=generators[b]) for i, b in enumerate(rows)]
         tokens[torch.tensor(rows, device=dev)] = torch.cat(drawn)
 

@@ -72,6 +72,20 @@ class Scheduler:
         return {**self.blocks.stats(), "preemptions": self.preemptions, "running": len(self.running),
                 "waiting": len(self.waiting)}
 
+    def remove_all(self, seqs) -> None:
+        """Drop these sequences (an aborted request's) and free their blocks, in one pass over the queues."""
+        gone = set(seqs)
+        for seq in gone:
+            self._release(seq)
+        self.running = [s for s in self.running if s not in gone]
+        self.waiting = deque(s for s in self.waiting if s not in gone)
+
+    def clear(self) -> None:
+        """Drop every sequence and free every block (the engine is failing everything)."""
+        for seq in [*self.running, *self.waiting]:
+            self._release(seq)
+        self.running, self.waiting = [], deque()
+
     def _release(self, seq: SeqState) -> None:
         self.blocks.release(seq)
         seq.num_cached = 0

@@ -51,5 +51,6 @@ class Request:
     suffix: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     out: queue.Queue = field(default_factory=queue.Queue)
+    deadline: float | None = None  # time.monotonic() by which it must be done (the request's timeout)
     failed: bool = False
-    answered: bool = False  # its final response (or the stream's end) has been sent
+    answered: bool = False  # its final response, the stream's end or an error has been sent

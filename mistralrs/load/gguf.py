@@ -237,6 +237,9 @@ def _parse(buf, path: Path) -> tuple[Metadata, dict[str, RawTensor]]:
             raise ValueError(f"{path}: tensor {name!r} has dimensions {dims}, impossible for type {qtype.name} "
                              f"(rows of a multiple of {block} weights)")
         nbytes = math.prod(dims) // block * size
+        if offset % alignment:
+            raise ValueError(f"{path}: tensor {name!r} starts at data offset {offset}, not a multiple of the file's "
+                             f"alignment ({alignment})")
         if data_start + offset + nbytes > len(buf):
             raise ValueError(f"{path}: file is truncated or corrupt: tensor {name!r} ends at byte "
                              f"{data_start + offset + nbytes}, the file has {len(buf)}")
@@ -245,7 +248,19 @@ def _parse(buf, path: Path) -> tuple[Metadata, dict[str, RawTensor]]:
         shape = tuple(reversed(dims))  # torch order: the contiguous row last
         data = np.frombuffer(buf, np.uint8, nbytes, data_start + offset)
         tensors[name] = RawTensor(name, qtype, shape, data.reshape(math.prod(shape[:-1]), row_bytes(qtype, dims[0])))
+    _check_disjoint([(offset, t.data.nbytes, name) for (name, _, _, offset), t in zip(infos, tensors.values())], path)
     return metadata, tensors
+
+
+def _check_disjoint(regions: list[tuple[int, int, str]], path: Path) -> None:
+    """No two tensors may share bytes: a file whose regions overlap is corrupt (or crafted to look small)."""
+    end, last = 0, None
+    for offset, nbytes, name in sorted(regions):
+        if offset < end:
+            raise ValueError(f"{path}: tensor {name!r} (data offset {offset}) overlaps tensor {last!r}, which ends "
+                             f"at {end}")
+        end, last = offset + nbytes, name
+
 
 
 def tensor_type(raw: int, name: str, path: Path) -> GGMLQuantizationType:

@@ -16,6 +16,7 @@ from torch import nn
 from ..kernels.dequant import dequantize
 from ..layers import CausalLM
 from ..linears import QuantEmbedding, QuantLinear
+from ..model_args import check_args
 from .gguf import GGUFFile, RawTensor
 from .safetensors import load_state
 
@@ -108,8 +109,9 @@ def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.d
     md = ChainMap(gfile.metadata, {f"{arch}.vocab_size": tensors["token_embd.weight"].shape[0]})
     try:
         args = module.Args.from_gguf(md, set(tensors))
+        check_args(args, "GGUF metadata")
         _check_args(args, tensors)
-    except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:  # also metadata values of the wrong type
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:  # values of the wrong type
         raise ValueError(f"{path}: {e}") from None
     args.tie_word_embeddings = False  # lm_head always gets a tensor here: token_embd's when the file has no output
     with torch.device("meta"):
