@@ -179,7 +179,9 @@ def test_disconnects_abort_their_requests(server):
     while metric(server, "mistralrs_running_sequences") > 0 and time.time() < deadline:
         time.sleep(0.05)
     assert metric(server, "mistralrs_running_sequences") == 0
-    assert idle_latency() < 2 * idle + 0.05
+    assert metric(server, "mistralrs_kv_cache_usage") == 0  # their blocks are free again
+    # the best of 3, as `idle` was: one round trip on a shared machine can take a scheduling hiccup
+    assert min(idle_latency() for _ in range(3)) < 2 * idle + 0.1
 
 
 BAD = [  # (route, body: dict, or raw bytes, status, param)
