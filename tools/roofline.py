@@ -44,10 +44,8 @@ def loop_trips(launch, constexprs) -> int:
     """Iterations of the main loop summed over the whole grid."""
     name, grid = launch.name, launch.grid
     programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-    if name == "_gguf_gemv_kernel":  # the splits of one column of programs cover K once
-        return grid[0] * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
-    if name == "_gguf_gemm_kernel":
-        return programs * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
+    if name in ("_gguf_gemv_kernel", "_gguf_gemm_kernel", "_gguf_matmul_kernel"):  # the K splits cover K once
+        return grid[0] * (grid[1] if len(grid) > 1 else 1) * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
     if name == "_split_k_reduce_kernel":
         return programs * _arg(launch, "splits")
     if name == "_decode_split_kernel":  # every page of every (sequence, KV head) once
@@ -61,7 +59,7 @@ def loop_trips(launch, constexprs) -> int:
         return grid[0] * grid[1] * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
     if name == "_xlora_mix_kernel":
         return programs * triton.cdiv(_arg(launch, "AR"), constexprs["BLOCK_J"])
-    return 0
+    raise KeyError(f"{name}: how many times its main loop runs is not modelled")
 
 
 def launch_cost(launch, target) -> dict:
@@ -69,7 +67,7 @@ def launch_cost(launch, target) -> dict:
     constexprs = c.constexprs
     grid = launch.grid
     programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
-    trips = loop_trips(launch, constexprs)
+    trips = loop_trips(launch, constexprs) if c.loop else 0
     straight = aot.by_class(c.sass) - aot.by_class(c.loop)
     loop = aot.by_class(c.loop)
     executed = {k: c.num_warps * (programs * straight[k] + trips * loop[k]) for k in straight.keys() | loop.keys()}
