@@ -333,8 +333,11 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationT
         BLOCK_K = block_k or BLOCK_K
     else:  # a W tile is dequantized once per M tile: tall M tiles amortize that work over more rows of x
         BLOCK_M = 32 if M <= 64 else 64 if M <= 256 else 128
-        BLOCK_N, BLOCK_K = 64, block_k or 64
-        num_warps = 8 if BLOCK_M == 128 else 4
+        small_unit = UNIT[qtype.name] == 32
+        num_warps = 8 if BLOCK_M == 128 and small_unit else 4
+        # A word-path unit per thread (a smaller W tile repeats work across threads); larger tiles spill on sm_80.
+        BLOCK_N = 128 if num_warps == 8 else 64
+        BLOCK_K = block_k or (64 if small_unit else 128)
     unit = UNIT[qtype.name]
     BLOCK_K = max(BLOCK_K, unit)
     assert BLOCK_K % unit == 0, f"block_k must be a multiple of {unit} for {qtype.name}"
