@@ -55,6 +55,11 @@ UNIT = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 128}  # weights 
 # Decode tiles (BLOCK_N, BLOCK_K) per type, the largest without spills: more weights per thread amortize the
 # dot's operand staging (tools/roofline.py; benchmarks/results/static-sm90).
 DECODE_TILES = {"Q4_0": (256, 64), "Q8_0": (128, 64), "Q4_K": (256, 64), "Q5_K": (64, 128), "Q6_K": (64, 128)}
+# Prefill tiles (BLOCK_N, BLOCK_K, warps) at BLOCK_M = 32 or 64, and at 128: a word-path unit per thread at least (a
+# smaller W tile repeats work across threads), no spills on sm_80 (tools/aot.py --sweep).
+PREFILL_TILES = {"Q4_0": ((64, 64, 4), (128, 64, 8)), "Q8_0": ((64, 32, 4), (128, 64, 8)),
+                 "Q4_K": ((64, 128, 4), (64, 128, 4)), "Q5_K": ((64, 128, 4), (128, 64, 8)),
+                 "Q6_K": ((64, 128, 4), (64, 128, 4))}
 WORD = {"Q4_0": torch.int16, "Q4_K": torch.int32}  # what the kernel loads W as (else bytes): see _q4_0_words
 UNIT_BYTES = {"Q4_0": 16, "Q8_0": 32, "Q4_K": 32, "Q5_K": 32, "Q6_K": 32}
 
@@ -333,11 +338,8 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationT
         BLOCK_K = block_k or BLOCK_K
     else:  # a W tile is dequantized once per M tile: tall M tiles amortize that work over more rows of x
         BLOCK_M = 32 if M <= 64 else 64 if M <= 256 else 128
-        small_unit = UNIT[qtype.name] == 32
-        num_warps = 8 if BLOCK_M == 128 and small_unit else 4
-        # A word-path unit per thread (a smaller W tile repeats work across threads); larger tiles spill on sm_80.
-        BLOCK_N = 128 if num_warps == 8 else 64
-        BLOCK_K = block_k or (64 if small_unit else 128)
+        BLOCK_N, BLOCK_K, num_warps = PREFILL_TILES[qtype.name][BLOCK_M == 128]
+        BLOCK_K = block_k or BLOCK_K
     unit = UNIT[qtype.name]
     BLOCK_K = max(BLOCK_K, unit)
     assert BLOCK_K % unit == 0, f"block_k must be a multiple of {unit} for {qtype.name}"
