@@ -1,4 +1,4 @@
-"""GGUF dequant-matmul: GEMV (M=1, decode) in GB/s of quantized weight read, GEMM (M=512, prefill) in TFLOP/s, each
+"""GGUF dequant-matmul: GEMV (M=1 and 8, decode) in GB/s of quantized weight read, GEMM (M=512, prefill) in TFLOP/s, each
 against the same shape as a dense bf16 torch matmul (cuBLAS) and against the torch path (dequantize, then matmul).
 Full mode uses Llama/Mistral-7B projection shapes (N, K) in bf16; quick mode (CPU, Triton interpreted) uses tiny
 shapes just to prove the suite runs."""
@@ -12,7 +12,7 @@ from mistralrs.kernels.gguf import gguf_matmul
 
 QTYPES = [Q.Q4_0, Q.Q8_0, Q.Q4_K]
 FULL = dict(dtype=torch.bfloat16, rounds=20,
-            cases=[(t, m, n, k) for t in QTYPES for m in (1, 512) for n, k in [(4096, 4096), (14336, 4096),
+            cases=[(t, m, n, k) for t in QTYPES for m in (1, 8, 512) for n, k in [(4096, 4096), (14336, 4096),
                                                                                 (4096, 14336)]])
 QUICK = dict(dtype=torch.float32, rounds=3, cases=[(t, m, 48, 512) for t in QTYPES for m in (1, 16)])
 FP16_FIELDS = {Q.Q4_0: [0], Q.Q8_0: [0], Q.Q4_K: [0, 2]}  # byte offsets of d (and dmin) in a block

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 # The constexpr that is the M side of each kernel's tl.dot tile. sm_90a's wgmma needs M >= 64 per warpgroup of
 # 4 warps; Triton emits it there (HGMMA) and mma.sync (HMMA) for smaller tiles and on sm_80.
-DOT_TILE_M = {"_paged_attention_kernel": "BLOCK_M", "_decode_split_kernel": "G_PAD", "_gguf_gemm_kernel": "BLOCK_M",
+DOT_TILE_M = {"_paged_attention_kernel": "BLOCK_M", "_decode_split_kernel": "G_PAD", "_gguf_matmul_kernel": "BLOCK_N",
               "_xlora_shrink_kernel": "BLOCK_T", "_xlora_mix_kernel": "BLOCK_T"}
 # Compiles per kernel allowed over a trace. Decode from 1 to 8192 tokens: nothing in a decode launch depends on the
 # context length (today: 1 each). A batch growing 1 -> 64: one per power-of-two bucket.
