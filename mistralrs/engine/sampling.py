@@ -78,8 +78,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], recent: list[list
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         logits = apply_penalties(logits, recent, col([p.presence_penalty for p in params]),
                                  col([p.frequency_penalty for p in params]))
-    if any(p.logit_bias for p in params):
-        biased = [(b, p) for b, p in enumerate(params) if p.logit_bias]
+    biased = [(b, p) for b, p in enumerate(params) if p.logit_bias]
+    if len(biased) == 1:  # the common case (one request with a bias): one indexed add, not a [B, V] bias matrix
+        b, p = biased[0]
+        logits = logits.clone()
+        logits[b].index_add_(0, p.bias_ids.to(dev), p.bias_values.to(dev))
+    elif biased:
         rows = torch.cat([torch.full((len(p.bias_ids),), b, dtype=torch.int64) for b, p in biased])
         cols = torch.cat([p.bias_ids for _, p in biased])
         bias = torch.zeros(B, V, device=dev)
