@@ -115,13 +115,44 @@ def greedy(path: Path, prompts: list[str], loader: str = "LlamaLoader", **env) -
     return json.loads(_python(GREEDY, path, json.dumps(prompts), TOKENS, loader, **env))
 
 
-def test_q4_1_greedy_equals_reference_kernels_and_dequantized_model(q4_1, hf_f32):
-    """Our default CPU path on the Q4_1 file gives the greedy text of the torch-reference kernels on the same file,
-    and of the float32 model whose weights gguf-py dequantized (no dequantizer of ours involved)."""
-    ours = greedy(q4_1, PROMPTS)
-    assert all(ours), ours  # some text for every prompt
-    assert ours == greedy(q4_1, PROMPTS, MISTRALRS_KERNELS="reference")
-    assert ours == greedy(hf_f32, PROMPTS)
+# Greedy tokens of PROMPTS with each step's top-2 logprob margin (nats), as JSON: a raw-prompt chat request (no
+# template, the completion's tokenization) with logprobs, in a fresh interpreter as GREEDY.
+GREEDY_MARGINS = """
+import json, sys
+import mistralrs
+path, prompts, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+loader = mistralrs.QuantizedLoader(mistralrs.LlamaLoader, model_id=None, is_gguf=True, quantized_model_id="",
+                                   quantized_filename=path)
+out = []
+with loader.load(token_source="none", kv_cache_tokens=1024) as runner:
+    for p in prompts:
+        r = json.loads(runner.send_chat_completion_request(mistralrs.ChatCompletionRequest(
+            p, "t", max_tokens=n, temperature=0, logprobs=True, top_logprobs=2)))
+        steps = r["choices"][0]["logprobs"]["content"]
+        out.append(dict(tokens=[s["token"] for s in steps],
+                        margins=[s["top_logprobs"][0]["logprob"] - s["top_logprobs"][1]["logprob"] for s in steps]))
+print(json.dumps(out))
+"""
+# Our CPU gemv rounds x to int8 per 32 values (as llama.cpp's CPU path does), ~1e-2 of a matmul's output scale: it
+# may flip a greedy choice only where the float reference itself hesitates.
+SPLIT_MARGIN = 0.5  # nats
+
+
+def test_q4_1_greedy_follows_reference_kernels_and_dequantized_model(q4_1, hf_f32):
+    """Our default CPU path on the Q4_1 file gives the greedy tokens of the torch-reference kernels (float
+    activations) on the same file, or parts from them only at a step where the reference's top-2 margin is below
+    SPLIT_MARGIN; and the reference kernels give the greedy text of the float32 model whose weights gguf-py
+    dequantized (no dequantizer of ours involved)."""
+    ours = json.loads(_python(GREEDY_MARGINS, q4_1, json.dumps(PROMPTS), TOKENS))
+    ref = json.loads(_python(GREEDY_MARGINS, q4_1, json.dumps(PROMPTS), TOKENS, MISTRALRS_KERNELS="reference"))
+    for prompt, a, b in zip(PROMPTS, ours, ref):
+        assert a["tokens"], prompt
+        split = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y), None)
+        print(f"{prompt!r}: identical for {split if split is not None else len(a['tokens'])} of {len(a['tokens'])} "
+              f"tokens" + (f", then parts where the reference's margin is {b['margins'][split]:.3f} nats"
+                           if split is not None else ""))
+        assert split is None or b["margins"][split] < SPLIT_MARGIN, (prompt, split, b["margins"][split])
+    assert greedy(q4_1, PROMPTS, MISTRALRS_KERNELS="reference") == greedy(hf_f32, PROMPTS)
 
 
 def test_q4_1_resident_weights_at_most_1_3x_the_file(q4_1):
