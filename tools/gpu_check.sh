@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
-NEEDS="numpy gguf safetensors huggingface_hub tokenizers jinja2 tqdm llguidance pytest pytest_benchmark matplotlib"
+NEEDS="numpy gguf safetensors huggingface_hub tokenizers jinja2 tqdm llguidance xxhash pytest pytest_benchmark matplotlib"
 LIMIT_TESTS=150 LIMIT_BENCH=210 LIMIT_E2E=100  # seconds; 7.7 minutes in all
 
 DRY=0 OUT="" WHEELS=""
