@@ -118,6 +118,7 @@ class Runner:
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
         threads = cpu_threads(threads)
         self.pipeline = pipeline
+        self._profile = None  # the profiler() running on the engine thread, if any
         self.truncate_sequence = truncate_sequence
         self.limits = limits or Limits()
         self.templates = chat_template.TemplateLimits(self.limits.max_template_chars, self.limits.template_timeout)
@@ -199,9 +200,13 @@ class Runner:
         After close() it raises RuntimeError."""
         prof = torch.profiler.profile(**profile_kwargs)
         self.engine.call(prof.start)
+        self._profile = prof
         try:
             yield prof
         finally:
+            if self._profile is not prof:  # close() stopped it, on the engine thread, before that thread ended
+                raise RuntimeError("the Runner was closed during the profile")
+            self._profile = None
             self.engine.call(prof.stop)
 
     def stats(self) -> dict:
@@ -215,6 +220,12 @@ class Runner:
     def close(self) -> None:
         """Stop the engine thread after its current step. Requests in flight, and any sent from now on, get a
         RuntimeError."""
+        # A profiler must stop on the thread it records: left running there, its callbacks outlive the thread and
+        # the interpreter crashes at exit (SIGSEGV, "Requested callback is not found").
+        prof, self._profile = getattr(self, "_profile", None), None
+        if prof is not None:
+            with contextlib.suppress(RuntimeError):
+                self.engine.call(prof.stop)
         self.engine.stop()
 
     def __del__(self):
