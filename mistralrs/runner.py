@@ -222,7 +222,7 @@ class Runner:
         RuntimeError."""
         # A profiler must stop on the thread it records: left running there, its callbacks outlive the thread and
         # the interpreter crashes at exit (SIGSEGV, "Requested callback is not found").
-        prof, self._profile = getattr(self, "_profile", None), None
+        prof, self._profile = self._profile, None
         if prof is not None:
             with contextlib.suppress(RuntimeError):
                 self.engine.call(prof.stop)

@@ -11,7 +11,6 @@ byte. Tensor names are Meta's (tok_embeddings, layers.N.attention.wq, ...); Q an
 The file has no KV-head count (`gqa` gives it: n_kv_head = n_head / gqa), no norm epsilon (1e-5), no rope base
 (10000), no context length (4096); the FFN width is read off layers.0.feed_forward.w1 (n_mult only rounds it).
 """
-import mmap
 import re
 import struct
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 
 from ..kernels.dequant import row_bytes
-from .gguf import Cursor, GGUFFile, RawTensor, tensor_type
+from .gguf import Cursor, GGUFFile, RawTensor, map_file, tensor_type
 from .gguf_tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN
 
 GGJT_MAGIC = 0x67676A74
@@ -124,12 +123,7 @@ def _tensors(c: Cursor, buf, path: Path) -> dict[str, RawTensor]:
 
 def read_ggml(path, gqa: int = 1) -> GGUFFile:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGML file {str(path)!r} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty, not a GGML file")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the tensors stay views of it
+    buf = map_file(path, "GGML")
     c = Cursor(buf, path)
     hp = _header(c, path)
     tokens, scores, types = _vocab(c, hp["n_vocab"], path)

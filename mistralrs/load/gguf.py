@@ -275,13 +275,18 @@ def tensor_type(raw: int, name: str, path: Path) -> GGMLQuantizationType:
     return qtype
 
 
+def map_file(path: Path, kind: str) -> mmap.mmap:
+    """The whole file, read-only mapped (the tensors and metadata stay views of it); `kind` names it in errors."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist or is not a file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a {kind} file")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def read_gguf(path) -> GGUFFile:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist or is not a file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty, not a GGUF file")
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # the tensors and metadata stay views of it
+    buf = map_file(path, "GGUF")
     metadata, tensors = _parse(buf, path)
     return GGUFFile(path, metadata, tensors)
