@@ -27,6 +27,12 @@ class AttentionMetadata:
         return self.max_seqlen_q == 1
 
 
+def summed(x: torch.Tensor, tp) -> torch.Tensor:
+    """x summed over the ranks of tensor-parallel model `tp` (tensor_parallel.TensorParallel; None: one rank), where
+    each rank's x is a partial sum: the output of a row-parallel projection."""
+    return x if tp is None else tp.all_reduce(x)
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -221,6 +227,7 @@ class SparseMoE(nn.Module):
 
 class PreNormBlock(nn.Module):
     """x + attn(norm(x)), then h + mlp(norm(h)): Llama, Mistral, Gemma, Mixtral."""
+    tp = None  # tensor parallel: attn and mlp give partial sums, added up over the ranks (tensor_parallel.py)
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
                  post_attention_layernorm: nn.Module):
@@ -229,12 +236,13 @@ class PreNormBlock(nn.Module):
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
     def forward(self, x, cos, sin, meta, kv_cache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + summed(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache), self.tp)
+        return h + summed(self.mlp(self.post_attention_layernorm(h)), self.tp)
 
 
 class ParallelBlock(nn.Module):
     """x + attn(norm(x)) + mlp(norm(x)): Phi-2's attention and MLP read the same normed input."""
+    tp = None  # tensor parallel: one sum over the ranks for both partial sums
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module):
         super().__init__()
@@ -242,14 +250,17 @@ class ParallelBlock(nn.Module):
 
     def forward(self, x, cos, sin, meta, kv_cache):
         h = self.input_layernorm(x)
-        return x + self.self_attn(h, cos, sin, meta, kv_cache) + self.mlp(h)
+        return x + summed(self.self_attn(h, cos, sin, meta, kv_cache) + self.mlp(h), self.tp)
 
 
 class CausalLM(nn.Module):
     """Embedding -> blocks -> final norm -> lm_head, with Hugging Face's module names (model.*, lm_head).
 
     Every layer uses `rotary` unless `layer_rotaries` gives each its own (Gemma 3: local and global layers differ);
-    `final_softcap` c bounds the logits to c * tanh(logits / c) (Gemma 2)."""
+    `final_softcap` c bounds the logits to c * tanh(logits / c) (Gemma 2). Tensor parallel (`tp` set), each rank
+    holds a slice of the vocabulary rows of embed_tokens and lm_head (tensor_parallel.py), and `vocab_size` is the
+    whole vocabulary's."""
+    tp = None
 
     def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
                  embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False,
@@ -267,11 +278,12 @@ class CausalLM(nn.Module):
         self.final_softcap = final_softcap
         self.embed_scale = embed_scale
         self.tie_word_embeddings = tie_word_embeddings
+        self.vocab_size = vocab
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         if self.embed_scale is not None:
             # Gemma rounds the scale to the activation dtype before multiplying, so we do too.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
@@ -282,8 +294,20 @@ class CausalLM(nn.Module):
             x = layer(x, *tables[rotary], meta, kv)
         return self.model.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.model.embed_tokens(ids)
+        rows = self.model.embed_tokens.num_embeddings  # this rank's: ids rank * rows .. (rank + 1) * rows - 1
+        local = ids - self.tp.rank * rows
+        outside = (local < 0) | (local >= rows)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0)
+        return summed(x, self.tp)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[B, vocab] fp32 logits of hidden [B, hidden]; tensor parallel, on rank 0 only (None on the others)."""
         logits = self.lm_head(hidden).float()
+        if self.tp is not None and (logits := self.tp.gather_vocab(logits, self.vocab_size)) is None:
+            return None
         if self.final_softcap is not None:  # in fp32, whatever the activation dtype
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

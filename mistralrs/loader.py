@@ -6,19 +6,22 @@ from dataclasses import dataclass
 
 import torch
 
+from . import tensor_parallel
+from .engine import workers
 from .engine.model_runner import ModelRunner
 from .engine.pipeline import Pipeline
 from .linears import cpu_matvec_layout
 from .load import chat_template, hub
 from .load.ggml import read_ggml
 from .load.gguf import read_gguf
-from .load.gguf_model import load_gguf_model
+from .load.gguf_model import load_gguf_model, resident_bytes
 from .load.safetensors import load_state, read_safetensors
 from .load.tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
 from .model_args import check_args, parameter_count, read_json
 from .models import gemma, llama, mistral, mixtral, phi2
 from .models.xlora import load_xlora
 from .requests import Limits, ModelKind, model_dtype
+from .tensor_parallel import Shard, TensorParallel, TensorParallelError, local_args
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192
@@ -82,7 +85,7 @@ class ArchLoader:
              max_batched_tokens=2048, max_choices=Limits.max_choices,
              max_stop_strings=Limits.max_stop_strings, max_stop_length=Limits.max_stop_length,
              max_prompt_chars=Limits.max_prompt_chars, max_template_chars=Limits.max_template_chars,
-             template_timeout=Limits.template_timeout):
+             template_timeout=Limits.template_timeout, tensor_parallel_size=1):
         """Load the model and return a Runner serving it.
 
         Keyword-only extras: `device` (default cuda if available, else cpu), `kv_cache_tokens` (KV cache size in
@@ -96,7 +99,10 @@ class ArchLoader:
         Bounds on one request's work, each a clear ValueError when passed: `max_choices` (n_choices and best_of),
         `max_stop_strings` and `max_stop_length` (characters of each), `max_prompt_chars` (characters given to the
         tokenizer), `max_template_chars` (characters a chat template may render) and `template_timeout` (seconds
-        it may run)."""
+        it may run).
+        `tensor_parallel_size` N > 1 splits the model over N ranks (tensor_parallel.py): this process is rank 0 and
+        spawns the others, each on its own GPU (cuda:0 .. N-1 from `device`'s index) or on the CPU (gloo); under
+        torchrun, every rank's script calls load() and it returns None on ranks > 0 once rank 0 closes its Runner."""
         from .runner import JsonLines, Runner, cpu_threads
 
         o = self.options
@@ -111,26 +117,67 @@ class ArchLoader:
                         template_timeout=template_timeout)
         JsonLines(logfile)  # a bad logfile or KV option fails before the model loads
         check_kv_options(kv_cache_tokens, block_size)
-        token = hub.resolve_token(token_source, token_source_value)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = model_dtype(dtype, device)
-        loaded = (self._quantized(token, revision, quantized_revision, dtype, device) if o.kind.is_quantized
-                  else self._normal(token, revision, dtype, device))
-        model, kv_sets = self._maybe_xlora(loaded.model, loaded.args, token, xlora_revision, dtype, device)
-        model = cpu_matvec_layout(model)
-        blocks = kv_cache(loaded.args, dtype, device, kv_cache_tokens, block_size, kv_sets)
+        shard = dict(token=hub.resolve_token(token_source, token_source_value), revision=revision,
+                     quantized_revision=quantized_revision, xlora_revision=xlora_revision,
+                     dtype=model_dtype(dtype, device), kv_cache_tokens=kv_cache_tokens, block_size=block_size)
+        tp = self._tensor_parallel(tensor_parallel_size, device, threads, shard)
+        if tp is not None and device.type == "cpu":
+            threads = max(1, threads // tp.world)  # the ranks share the cores
+        if tp is not None and tp.rank > 0:  # torchrun's rank > 0: serve rank 0 until its Runner closes
+            workers.serve(self.load_shard(device=tp.device, tp=tp, **shard)[1])
+            return None
+        try:
+            loaded, model_runner = self.load_shard(device=tp.device if tp else device, tp=tp, **shard)
+        except BaseException:
+            if tp is not None:
+                tp.failed = tp.failed or TensorParallelError("rank 0 failed to load")
+                tp.close(0)
+            raise
         template, special = chat_template.resolve(o.chat_template, loaded.tok_cfg)
         pipeline = Pipeline(
-            model_id=loaded.model_id, model_runner=ModelRunner(model, blocks, device, o.no_kv_cache),
+            model_id=loaded.model_id, model_runner=model_runner,
             tokenizer=loaded.tokenizer, chat_template=template, special_tokens=special,
             eos_token_ids=eos_ids(loaded.tokenizer, special, *loaded.eos_configs),
             max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
-            repeat_last_n=o.repeat_last_n, device=device, dtype=dtype)
+            repeat_last_n=o.repeat_last_n, device=model_runner.device, dtype=shard["dtype"])
         return Runner(pipeline, max_seqs=max_seqs, truncate_sequence=truncate_sequence, logfile=logfile,
                       threads=threads, limits=limits, prefix_caching=prefix_caching,
                       max_batched_tokens=max_batched_tokens)
 
-    def _normal(self, token, revision, dtype, device) -> "Loaded":
+    def _tensor_parallel(self, n, device: torch.device, threads: int, shard: dict) -> TensorParallel | None:
+        """This process's rank of an n-rank model (workers.start), None for n == 1. Checked first: what fails on every
+        rank must not spawn any."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {n!r}")
+        if n == 1:
+            return None
+        if self.options.kind.is_xlora:
+            raise ValueError("tensor_parallel_size > 1 is not supported for X-LoRA models")
+        workers.devices(device, n)
+        return workers.start(self, n, device, max(1, threads // n), shard)
+
+    def load_shard(self, *, token, revision, quantized_revision, xlora_revision, dtype, device, kv_cache_tokens,
+                   block_size, tp: TensorParallel | None = None) -> tuple["Loaded", ModelRunner]:
+        """The model (tp: this rank's shard of it), its tokenizer and KV cache, and the model runner over them."""
+        o = self.options
+        loaded = (self._quantized(token, revision, quantized_revision, dtype, device, tp) if o.kind.is_quantized
+                  else self._normal(token, revision, dtype, device, tp))
+        model, kv_sets = self._maybe_xlora(loaded.model, loaded.args, token, xlora_revision, dtype, device)
+        args = loaded.args
+        if tp is not None:
+            model, args = tensor_parallel.attach(model, tp, args.vocab_size), local_args(args, tp.world)
+        model = cpu_matvec_layout(model)
+        blocks = kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets, tp)
+        model_runner = ModelRunner(model, blocks, device, o.no_kv_cache, tp)
+        weights = resident_bytes(model)
+        model_runner.weight_bytes = tp.gather_ints(weights) if tp is not None else [weights]
+        if tp is not None:
+            log.info("tensor parallel: %d ranks, weights of each %s MiB", tp.world,
+                     " / ".join(f"{b / 2**20:.1f}" for b in model_runner.weight_bytes))
+        return loaded, model_runner
+
+    def _normal(self, token, revision, dtype, device, tp=None) -> "Loaded":
         o, m = self.options, self.module
         files = hub.model_files(o.model_id, revision=revision, token=token, tokenizer_json=o.tokenizer_json)
         cfg = read_json(files.config)
@@ -144,17 +191,19 @@ class ArchLoader:
         except ValueError as e:
             raise ValueError(f"{files.config}: {e}") from None
         check_args(args, str(files.config))
-        check_fits(f"{files.config}: the weights", parameter_count(args) * dtype.itemsize, device)
+        shard = Shard.of(m.build, args, tp)
+        check_fits(f"{files.config}: the weights", parameter_count(args) * dtype.itemsize // (tp.world if tp else 1),
+                   device)
         with torch.device("meta"):
-            model = m.build(args)
-        load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device), o.model_id)
+            model = m.build(local_args(args, tp.world) if tp else args)
+        load_state(model, read_safetensors(files.weights, m.HF_RENAMES, dtype, device, shard), o.model_id)
         tokenizer, tok_cfg = load_tokenizer(files, o.model_id)
         gen_cfg = read_json(files.generation_config) if files.generation_config else {}
         return Loaded(o.model_id, model, args, tokenizer, tok_cfg, (cfg, gen_cfg))
 
-    def _quantized(self, token, revision, quantized_revision, dtype, device) -> "Loaded":
+    def _quantized(self, token, revision, quantized_revision, dtype, device, tp=None) -> "Loaded":
         o = self.options
-        model, args, qfile = self._quantized_base(token, quantized_revision, dtype, device)
+        model, args, qfile = self._quantized_base(token, quantized_revision, dtype, device, tp)
         tokenizer, tok_cfg, gen_cfg, eog = quantized_tokenizer(qfile, o.model_id, o.tokenizer_json, revision, token)
         cfg = {"eos_token_id": sorted(eog)}  # llama.cpp's end-of-generation set stands in for config.json's
         return Loaded(o.model_id or o.quantized_filename, model, args, tokenizer, tok_cfg, (cfg, gen_cfg))
@@ -169,7 +218,7 @@ class ArchLoader:
                           args.hidden_size, dtype, device, o.tgt_non_granular_index, revision=xlora_revision or "main",
                           token=token), 2
 
-    def _quantized_base(self, token, quantized_revision, dtype, device):
+    def _quantized_base(self, token, quantized_revision, dtype, device, tp=None):
         """(model, args, file) of a GGUF or GGML model, weights kept quantized; also the base of X-LoRA on GGUF/GGML."""
         o, m = self.options, self.module
         path = hub.quantized_path(o.quantized_model_id, o.quantized_filename, quantized_revision, token)
@@ -181,8 +230,8 @@ class ArchLoader:
         else:
             qfile = read_ggml(path, gqa=o.gqa or 1)
         check_architecture(qfile, type(self))
-        check_fits(f"{path}: the weights", quantized_weight_bytes(qfile, dtype), device)
-        model, args = load_gguf_model(m, qfile, dtype, device)
+        check_fits(f"{path}: the weights", quantized_weight_bytes(qfile, dtype) // (tp.world if tp else 1), device)
+        model, args = load_gguf_model(m, qfile, dtype, device, tp)
         return model, args, qfile
 
 
@@ -197,10 +246,11 @@ class Loaded:
     eos_configs: tuple[dict, dict]  # config.json-like and generation_config.json-like dicts with eos_token_id
 
 
-def kv_cache(args, dtype, device, kv_cache_tokens, block_size,
-             kv_sets: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets: int = 1,
+             tp: TensorParallel | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The paged KV cache: per layer, K and V [NB, BS, KVH, D]; kv_sets of them per model layer under one block
-    table (X-LoRA: 2). The model runner holds them; the scheduler's block manager hands out their NB blocks."""
+    table (X-LoRA: 2). The model runner holds them; the scheduler's block manager hands out their NB blocks, which
+    every rank of a tensor-parallel model (tp) must have: they take the least of their counts."""
     check_kv_options(kv_cache_tokens, block_size)
     n_layers = kv_sets * args.num_hidden_layers
     per_token = 2 * n_layers * args.num_key_value_heads * args.head_dim * dtype.itemsize
@@ -210,7 +260,7 @@ def kv_cache(args, dtype, device, kv_cache_tokens, block_size,
             kv_cache_tokens = max(block_size, int(0.9 * free) // per_token)
         else:
             kv_cache_tokens = CPU_KV_CACHE_TOKENS
-    num_blocks = kv_cache_tokens // block_size
+    num_blocks = kv_cache_tokens // block_size if tp is None else tp.min_int(kv_cache_tokens // block_size)
     check_fits(f"a KV cache of {num_blocks * block_size} tokens", num_blocks * block_size * per_token, device)
     log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, block_size,
              num_blocks * block_size * per_token / 2**20)

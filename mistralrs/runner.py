@@ -211,9 +211,10 @@ class Runner:
 
     def stats(self) -> dict:
         """Counters of the engine: prefix cache hits (prompt tokens whose K/V were reused / prompt tokens admitted),
-        evictions, cached and free KV blocks, preemptions, running and waiting sequences. Read on the engine thread,
-        so the numbers are of one moment."""
-        out = {}
+        evictions, cached and free KV blocks, preemptions, running and waiting sequences; `weight_bytes`, the
+        resident weight bytes of each rank (one for a model on one device). Read on the engine thread, so the
+        numbers are of one moment."""
+        out = {"weight_bytes": self.pipeline.model_runner.weight_bytes}
         self.engine.call(lambda: out.update(self.scheduler.stats()))
         return out
 

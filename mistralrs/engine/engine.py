@@ -261,16 +261,21 @@ class Engine:
             self._fail(req, error, release=False)
 
     def _shutdown(self) -> None:
-        """STOP: everything in flight, and anything still queued behind STOP, gets an error."""
+        """STOP: everything in flight, and anything still queued behind STOP, gets an error; then the model runner
+        closes (a tensor-parallel model's other ranks end)."""
         closed = RuntimeError("the Runner was closed")
         self._fail_all(closed)
         while True:
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if isinstance(item, Request):
                 item.out.put(closed)
             elif isinstance(item, tuple):
                 item[2].append(closed)
                 item[1].set()
+        try:
+            self.pipeline.model_runner.close()
+        except Exception:
+            log.exception("closing the model runner failed")

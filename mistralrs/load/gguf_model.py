@@ -17,6 +17,7 @@ from ..kernels.dequant import dequantize
 from ..layers import CausalLM
 from ..linears import QuantEmbedding, QuantLinear
 from ..model_args import check_args
+from ..tensor_parallel import Shard, local_args
 from .gguf import GGUFFile, RawTensor
 from .safetensors import load_state
 
@@ -96,11 +97,13 @@ def resident_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.device) -> tuple[CausalLM, object]:
+def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.device, tp=None
+                    ) -> tuple[CausalLM, object]:
     """(model, args) of the architecture of model file `module` from `gfile`, with quantized weights kept as stored.
     The caller has checked that general.architecture is one of module.GGUF_ARCHITECTURES. The model file declares
     its GGUF_NAMES map (a value may be {architecture: our name} where the files' architectures differ, as Gemma's
-    do) and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE)."""
+    do) and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE). tp: the model is this
+    rank's shard (tensor_parallel.py), and only its slices of the file are copied."""
     path, tensors = gfile.path, gfile.tensors
     arch = gfile.metadata["general.architecture"]
     if "token_embd.weight" not in tensors:
@@ -111,27 +114,45 @@ def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.d
         args = module.Args.from_gguf(md, set(tensors))
         check_args(args, "GGUF metadata")
         _check_args(args, tensors)
+        args.tie_word_embeddings = False  # lm_head always gets a tensor: token_embd's when the file has no output
+        shard = Shard.of(module.build, args, tp)
     except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:  # values of the wrong type
         raise ValueError(f"{path}: {e}") from None
-    args.tie_word_embeddings = False  # lm_head always gets a tensor here: token_embd's when the file has no output
     with torch.device("meta"):
         model = module.build(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
         raw = map_names(module.GGUF_NAMES, gfile, expected)
         raw.setdefault("lm_head.weight", raw.get("model.embed_tokens.weight"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    _check_names(raw, expected, path)
+    local = args
+    try:
+        if shard is not None:  # cut before the unpermute below, which then copies only this rank's heads
+            raw, local = _shard(raw, shard), local_args(args, tp.world)
+            with torch.device("meta"):
+                model = module.build(local)
         if module.GGUF_PERMUTED_QK:
-            for proj, heads in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
+            for proj, heads in (("q_proj", local.num_attention_heads), ("k_proj", local.num_key_value_heads)):
                 for name in [n for n in raw if f".self_attn.{proj}." in n]:
                     raw[name] = unpermute_rows(raw[name], heads)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    _check_names(raw, expected, path)
     state = _materialize(model, raw, dtype, device, norm_plus_one=module.GGUF_NORM_PLUS_ONE)
     load_state(model, state, str(path))
     if "rope_freqs.weight" in tensors:
         _rope_factors(model, tensors["rope_freqs.weight"], path)
     return model, args
+
+
+def _shard(raw: dict[str, RawTensor], shard) -> dict[str, RawTensor]:
+    """Each tensor's slice of this rank; a tensor used twice (tied embeddings) is cut once."""
+    parts: dict[int, RawTensor] = {}
+    for name, r in raw.items():
+        if id(r) not in parts:
+            parts[id(r)] = shard.raw(name, r)
+    return {name: parts[id(r)] for name, r in raw.items()}
 
 
 def _check_args(args, tensors: dict[str, RawTensor]) -> None:

@@ -27,8 +27,9 @@ def _open(path: Path):
 
 
 def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: torch.dtype,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of the files, renamed to our module names and cast to `dtype`, with a progress bar."""
+                     device: torch.device, shard=None) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, renamed to our module names and cast to `dtype`, with a progress bar. shard (a
+    tensor_parallel.Shard): only this rank's slice of each tensor is read."""
     handles = [_open(f) for f in files]
     total = sum(len(h.keys()) for h in handles)
     state = {}
@@ -36,7 +37,9 @@ def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: t
         for f, h in zip(files, handles):
             for name in h.keys():
                 if not name.endswith(IGNORED_SUFFIXES) and not name.startswith(IGNORED_PREFIXES):
-                    state[rename(name, renames)] = h.get_tensor(name).to(device=device, dtype=dtype)
+                    ours = rename(name, renames)
+                    t = h.get_tensor(name) if shard is None else shard.tensor(ours, h.get_slice(name))
+                    state[ours] = t.to(device=device, dtype=dtype)
                 bar.update()
     return state
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary
+from ..layers import Attention, CausalLM, GatedMLP, PreNormBlock, RMSNorm, Rotary, summed
 from ..model_args import (
     GGUF_BASE_NAMES,
     GGUF_GATED_MLP_NAMES,
@@ -146,6 +146,7 @@ def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
 class SandwichBlock(nn.Module):
     """x + post_attention_layernorm(attn(input_layernorm(x))), then
     h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))): Gemma 2 and 3."""
+    tp = None  # tensor parallel: attn and mlp give partial sums, added up before their norms (tensor_parallel.py)
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
         super().__init__()
@@ -156,8 +157,9 @@ class SandwichBlock(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, unit_offset=True)
 
     def forward(self, x, cos, sin, meta, kv_cache):
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        a = summed(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache), self.tp)
+        h = x + self.post_attention_layernorm(a)
+        return h + self.post_feedforward_layernorm(summed(self.mlp(self.pre_feedforward_layernorm(h)), self.tp))
 
 
 def build(a: GemmaArgs) -> CausalLM:
