@@ -6,6 +6,8 @@
 
 Every case records in extra_info: shape, dtype, device, torch/triton versions, git commit, and the derived figures
 (GB/s or TFLOP/s, fraction of the device limit measured in the same run, ratio to the best peer measured alongside).
+On CUDA every kernel and peer is timed by triton.testing.do_bench (timed, measure): CUDA events, the L2 flushed before
+each call, a warm-up, the median; on CPU by wall clock.
 """
 import os
 import subprocess
@@ -23,6 +25,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import triton  # noqa: E402
+import triton.testing  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -58,29 +61,47 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
 
 
+# do_bench's warm-up and timed window (ms): thousands of calls of a µs kernel, a few of a slow baseline; small enough
+# that tools/gpu_check.sh's kernel benchmarks fit its LIMIT_BENCH.
+WARMUP_MS, REP_MS = 10, 40
+
+
 def timed(fn, reps: int = 10) -> float:
-    """Median seconds of fn() (after a warm-up), synchronising the GPU around each call."""
+    """Median seconds of fn(). On CUDA: triton.testing.do_bench, CUDA events around each call with the L2 flushed
+    before it, after a warm-up (reps is ignored). Elsewhere: wall time of reps calls after one warm-up."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median") * 1e-3
     fn()
     times = []
     for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
 def measure(benchmark, fn, rounds: int = 20) -> float:
-    """Time fn with pytest-benchmark (GPU-synchronised); the median in seconds."""
-    def call():
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=2)
-    return benchmark.stats.stats.median
+    """Median seconds of fn, as timed() on CUDA (pytest-benchmark then runs fn once, so the case has its row in the
+    JSON; its own stats are one call's wall time, not the figure) or pytest-benchmark's median elsewhere. The figure
+    goes into extra_info as median_us, with how it was timed."""
+    if torch.cuda.is_available():
+        seconds = timed(fn)
+        benchmark.pedantic(fn, rounds=1, iterations=1)
+        torch.cuda.synchronize()
+        timing = "triton.testing.do_bench median (CUDA events, L2 flushed)"
+    else:
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=2)
+        seconds = benchmark.stats.stats.median
+        timing = "pytest-benchmark wall-clock median"
+    benchmark.extra_info.update(median_us=seconds * 1e6, timing=timing)
+    return seconds
+
+
+def best_peer(ours: float, **peers: float | None) -> dict:
+    """The ratio of the fastest peer's time to ours (> 1: we are faster) and its name; None marks a peer not run."""
+    ran = {name: t for name, t in peers.items() if t is not None}
+    name = min(ran, key=ran.get)
+    return dict(speedup_vs_best_peer=ran[name] / ours, best_peer=name)
 
 
 @pytest.fixture(scope="session")

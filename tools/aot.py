@@ -349,8 +349,8 @@ SCENARIOS = {
     **_attention_set([BF16], [(32, 8)], [128], [32]),
     **_attention_set([FP16], [(32, 8)], [128], [16]),
     "store_kv bfloat16 KVH8 D128 T64": store_kv(BF16, 8, 128, 16, 64),
-    **{f"gguf {q} M{M} N14336 K4096": gguf_matmul(q, M, 14336, 4096) for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K")
-       for M in (1, 512)},
+    **{f"gguf {q} M{M} N14336 K4096": gguf_matmul(q, M, 14336, 4096)
+       for q in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K") for M in (1, 512)},
     "gguf Q4_0 M8 N14336 K4096": gguf_matmul("Q4_0", 8, 14336, 4096),
     "gguf Q4_0 M1 N4096 K4096": gguf_matmul("Q4_0", 1, 4096, 4096),  # split-K: partials + reduce
     "gguf Q4_0 M64 N14336 K4096": gguf_matmul("Q4_0", 64, 14336, 4096),

@@ -84,7 +84,7 @@ def scenarios() -> dict:
 
     from mistralrs.kernels.dequant import row_bytes
     out = {}
-    for q in ("Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+    for q in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
         for N, K in ((14336, 4096), (4096, 14336)):
             for M in (1, 8, 512):
                 op_bytes = N * row_bytes(GGMLQuantizationType[q], K) + 2 * M * (K + N)

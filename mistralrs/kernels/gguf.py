@@ -1,13 +1,13 @@
 """GGUF dequant-matmul: out[M, N] = x[M, K] @ W[N, K].T with W kept quantized, fp32 accumulation.
 
 qweight is the GGUF tensor as stored: uint8 [N, row_bytes], row n = K / QK blocks end to end. d and dmin are fp16
-at unaligned offsets: the byte paths read them byte by byte. l is a byte inside a field; the full table of every type is in
+at unaligned offsets: the byte path (Q8_0) reads them byte by byte. l is a byte inside a field; the full table of every type is in
 kernels/dequant.py (the reference). Layouts of the types with a kernel:
     Q4_0   18 B / 32 w   d, qs[16]                    w = d * (q - 8); qs[l]: low nibble w[l], high nibble w[16 + l]
     Q8_0   34 B / 32 w   d, qs[32] int8               w = d * q
     Q4_K  144 B / 256 w  d, dmin, scales[12], qs[128]
           sub-block s (32 w): w = d * sc[s] * q - dmin * m[s]; q = nibble s % 2 of qs[32 (s // 2) + l];
-          sc, m are 6-bit, packed in scales (see _k_scale_min)
+          sc, m are 6-bit, packed in scales (see _k_scale_min_words)
     Q5_K  176 B / 256 w  d, dmin, scales[12], qh[32], qs[128]
           as Q4_K, with bit s of qh[l] as bit 4 of q
     Q6_K  210 B / 256 w  ql[128], qh[64], scales[16] int8, d
@@ -15,9 +15,9 @@ kernels/dequant.py (the reference). Layouts of the types with a kernel:
           q = nibble (j % 4) // 2 of ql[64h + 32 (j % 2) + l] | bits 2 (j % 4) of qh[32h + l] << 4
 
 A K-tile of BLOCK_K weights is BLOCK_K / UNIT units of the type (the weights whose quants share bytes: a Q4_0
-block, a Q4_K pair of sub-blocks, half a Q6_K block). Q4_0 and Q4_K are read as 16/32-bit words (WORD) with every
-unit in one thread, eight word loads per unit, nibbles turned into floats by the magic-number trick (_nibble) and
-put in k order by joins and a permute that move no data; the other types load bytes.
+block, a Q4_K/Q5_K pair of sub-blocks, half a Q6_K block). All but Q8_0 are read as 16/32-bit words (WORD) with
+every unit in one thread, eight words per field per unit, quants turned into floats by the magic-number trick
+(_nibble, _byte) and put in k order by joins and a permute that move no data; Q8_0 loads bytes.
 
 One kernel for both regimes computes out.T = W x.T, so W's dequantized [BLOCK_N, BLOCK_K] tile is the tall A
 operand of tl.dot (wgmma on sm_90a for BLOCK_N >= 64) and x's rows the narrow B operand. Decode (M <= 8): one tile
@@ -54,13 +54,18 @@ def _f16(ptr, mask):
 UNIT = {"Q4_0": 32, "Q8_0": 32, "Q4_K": 64, "Q5_K": 64, "Q6_K": 128}  # weights per unit
 # Decode tiles (BLOCK_N, BLOCK_K) per type, the largest without spills: more weights per thread amortize the
 # dot's operand staging (tools/roofline.py; benchmarks/results/static-sm90).
-DECODE_TILES = {"Q4_0": (256, 64), "Q8_0": (128, 64), "Q4_K": (256, 64), "Q5_K": (64, 128), "Q6_K": (64, 128)}
-# Prefill tiles (BLOCK_N, BLOCK_K, warps) at BLOCK_M = 32 or 64, and at 128: a word-path unit per thread at least (a
-# smaller W tile repeats work across threads), no spills on sm_80 (tools/aot.py --sweep).
-PREFILL_TILES = {"Q4_0": ((64, 64, 4), (128, 64, 8)), "Q8_0": ((64, 32, 4), (128, 64, 8)),
-                 "Q4_K": ((64, 128, 4), (64, 128, 4)), "Q5_K": ((64, 128, 4), (128, 64, 8)),
-                 "Q6_K": ((64, 128, 4), (64, 128, 4))}
-WORD = {"Q4_0": torch.int16, "Q4_K": torch.int32}  # what the kernel loads W as (else bytes): see _q4_0_words
+DECODE_TILES = {"Q4_0": (256, 64), "Q8_0": (128, 64), "Q4_K": (256, 64), "Q5_K": (256, 64), "Q6_K": (64, 256)}
+# Prefill tiles BLOCK_M -> (BLOCK_N, BLOCK_K, warps), BLOCK_M = 32 (M <= 64), 64 (M <= 256) or 128, capped at the
+# type's largest: a word-path unit per thread at least (a smaller W tile repeats work across threads), no spills on
+# sm_80 (tools/aot.py --sweep). Q6_K's unit is 128 weights: 128 rows of x beside it spill, and its (128, 128) tile
+# goes to shared memory a weight at a time, so BLOCK_M = 32 takes (64, 256).
+PREFILL_TILES = {"Q4_0": {32: (64, 64, 4), 64: (64, 64, 4), 128: (128, 64, 8)},
+                 "Q8_0": {32: (64, 32, 4), 64: (64, 32, 4), 128: (128, 64, 8)},
+                 "Q4_K": {32: (64, 128, 4), 64: (64, 128, 4), 128: (64, 128, 4)},
+                 "Q5_K": {32: (64, 128, 4), 64: (64, 128, 4), 128: (64, 128, 4)},
+                 "Q6_K": {32: (64, 256, 4), 64: (128, 128, 4)}}
+# What the kernel loads W as (else bytes): Q4_0 and Q6_K blocks are only 2-byte aligned.
+WORD = {"Q4_0": torch.int16, "Q4_K": torch.int32, "Q5_K": torch.int32, "Q6_K": torch.int16}
 UNIT_BYTES = {"Q4_0": 16, "Q8_0": 32, "Q4_K": 32, "Q5_K": 32, "Q6_K": 32}
 
 
@@ -148,30 +153,23 @@ def _q4_k_word(block, c, i: tl.constexpr, scales, lows, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_words(row, u, ASM: tl.constexpr):
-    """Q4_K from int32 words: a block is 36 (d | dmin << 16, scales[12], qs), 16-byte aligned. row [BLOCK_N, 1],
-    u [1, U] the pair of sub-blocks 2c, 2c + 1 of block u // 4 (c = u % 4): nibbles 0, 1 of qs[32c + l]."""
-    block = row + (u // 4) * 36
-    c = u % 4
+def _k_scales_words(block, c):
+    """Q4_K/Q5_K: d, dmin (word 0) and the scales (words 1 .. 3) of sub-blocks 2c, 2c + 1 as
+    (d sc, d sc'), (dmin m, dmin m')."""
     dd = tl.load(block)
     d = (dd & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = (dd >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    sc = (tl.load(block + 1), tl.load(block + 2),
-          tl.load(block + 3))
+    sc = (tl.load(block + 1), tl.load(block + 2), tl.load(block + 3))
     sc0, m0 = _k_scale_min_words(sc, 2 * c)
     sc1, m1 = _k_scale_min_words(sc, 2 * c + 1)
-    scales, lows = (d * sc0, d * sc1), (dmin * m0, dmin * m1)
-    w = _stack8(_q4_k_word(block, c, 0, scales, lows, ASM), _q4_k_word(block, c, 1, scales, lows, ASM),
-                _q4_k_word(block, c, 2, scales, lows, ASM), _q4_k_word(block, c, 3, scales, lows, ASM),
-                _q4_k_word(block, c, 4, scales, lows, ASM), _q4_k_word(block, c, 5, scales, lows, ASM),
-                _q4_k_word(block, c, 6, scales, lows, ASM), _q4_k_word(block, c, 7, scales, lows, ASM))
-    # [BLOCK_N, U, a, b, h, b0, b1, b2] holds weight 32 h + 4 i + a + 2 b, i = b0 + 2 b1 + 4 b2
-    return tl.permute(w, (0, 1, 4, 7, 6, 5, 3, 2))
+    return (d * sc0, d * sc1), (dmin * m0, dmin * m1)
 
 
 @triton.jit
 def _k_scale_min_words(sc, s):
-    """_k_scale_min from the 12 scale bytes as 3 int32 words: byte b of word w is (w >> 8 b) & 255."""
+    """6-bit scale and min of sub-block s from the 12 scale bytes as 3 int32 words (byte b of w: (w >> 8 b) & 255):
+    for the bytes a = [0:4], b = [4:8], c = [8:12], s < 4: a[s] & 63, b[s] & 63; else the low / high nibble of
+    c[s - 4] with the top two bits of a[s - 4] / b[s - 4] above it."""
     shift = 8 * (s % 4)
     a = (sc[0] >> shift) & 255
     b = (sc[1] >> shift) & 255
@@ -182,67 +180,129 @@ def _k_scale_min_words(sc, s):
 
 
 @triton.jit
+def _q4_k_words(row, u, ASM: tl.constexpr):
+    """Q4_K from int32 words: a block is 36 (d | dmin << 16, scales[12], qs), 16-byte aligned. row [BLOCK_N, 1],
+    u [1, U] the pair of sub-blocks 2c, 2c + 1 of block u // 4 (c = u % 4): nibbles 0, 1 of qs[32c + l]."""
+    block = row + (u // 4) * 36
+    c = u % 4
+    scales, lows = _k_scales_words(block, c)
+    w = _stack8(_q4_k_word(block, c, 0, scales, lows, ASM), _q4_k_word(block, c, 1, scales, lows, ASM),
+                _q4_k_word(block, c, 2, scales, lows, ASM), _q4_k_word(block, c, 3, scales, lows, ASM),
+                _q4_k_word(block, c, 4, scales, lows, ASM), _q4_k_word(block, c, 5, scales, lows, ASM),
+                _q4_k_word(block, c, 6, scales, lows, ASM), _q4_k_word(block, c, 7, scales, lows, ASM))
+    # [BLOCK_N, U, a, b, h, b0, b1, b2] holds weight 32 h + 4 i + a + 2 b, i = b0 + 2 b1 + 4 b2
+    return tl.permute(w, (0, 1, 4, 7, 6, 5, 3, 2))
+
+
+# Q5_K and Q6_K quants are split over two fields (low nibbles, high bits). Their word paths put each quant together
+# in a byte of an int32 (4 at a time: shift, mask, or) and turn a byte into a float with one prmt: 0x4B0000 above the
+# byte makes the float 2^23 + q exactly, as _nibble does for a nibble.
+@triton.jit
+def _byte(q, B: tl.constexpr, ASM: tl.constexpr):
+    """Byte B of int32 words q, as fp32 (exact)."""
+    if ASM:
+        if B == 0:
+            magic = tl.inline_asm_elementwise("{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $1, m, 0x7540; }",
+                                              "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 1:
+            magic = tl.inline_asm_elementwise("{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $1, m, 0x7541; }",
+                                              "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 2:
+            magic = tl.inline_asm_elementwise("{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $1, m, 0x7542; }",
+                                              "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            magic = tl.inline_asm_elementwise("{ .reg .b32 m; mov.b32 m, 0x4B000000; prmt.b32 $0, $1, m, 0x7543; }",
+                                              "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        magic = ((q >> 8 * B) & 255) | 0x4B000000
+    return magic.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _bytes4(q, scale, low, ASM: tl.constexpr):
+    """scale * byte - low for the 4 bytes of q, as [..., a, b] (byte a + 2b)."""
+    return _join4(_byte(q, 0, ASM) * scale - low, _byte(q, 1, ASM) * scale - low,
+                  _byte(q, 2, ASM) * scale - low, _byte(q, 3, ASM) * scale - low)
+
+
+@triton.jit
+def _q5_k_word(block, c, i: tl.constexpr, scales, lows, ASM: tl.constexpr):
+    """Word i of pair c's qs and of qh (bytes 4i .. 4i + 3) as [..., a, b, h], weight 32 h + 4i + a + 2b of the
+    pair: nibble h of qs[32c + l] | bit 2c + h of qh[l] << 4."""
+    qs = tl.load(block + 12 + 8 * c + i)
+    qh = tl.load(block + 4 + i) >> (2 * c)
+    q0 = (qs & 0x0F0F0F0F) | ((qh << 4) & 0x10101010)
+    q1 = ((qs >> 4) & 0x0F0F0F0F) | ((qh << 3) & 0x10101010)
+    return tl.join(_bytes4(q0, scales[0], lows[0], ASM), _bytes4(q1, scales[1], lows[1], ASM))
+
+
+@triton.jit
+def _q5_k_words(row, u, ASM: tl.constexpr):
+    """Q5_K from int32 words: a block is 44 (d | dmin << 16, scales[12], qh[32], qs), 16-byte aligned; u as Q4_K."""
+    block = row + (u // 4) * 44
+    c = u % 4
+    scales, lows = _k_scales_words(block, c)
+    w = _stack8(_q5_k_word(block, c, 0, scales, lows, ASM), _q5_k_word(block, c, 1, scales, lows, ASM),
+                _q5_k_word(block, c, 2, scales, lows, ASM), _q5_k_word(block, c, 3, scales, lows, ASM),
+                _q5_k_word(block, c, 4, scales, lows, ASM), _q5_k_word(block, c, 5, scales, lows, ASM),
+                _q5_k_word(block, c, 6, scales, lows, ASM), _q5_k_word(block, c, 7, scales, lows, ASM))
+    return tl.permute(w, (0, 1, 4, 7, 6, 5, 3, 2))  # as Q4_K
+
+
+@triton.jit
+def _word32(ptr):
+    """The int32 at int16 pointer ptr (2-byte aligned only: two loads)."""
+    return (tl.load(ptr).to(tl.int32) & 0xFFFF) | (tl.load(ptr + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _q6_k_scales(ptr, d):
+    """d * the two int8 scales in the int16 at ptr."""
+    sc = tl.load(ptr).to(tl.int32)
+    return d * ((sc << 24) >> 24).to(tl.float32), d * (sc >> 8).to(tl.float32)
+
+
+@triton.jit
+def _q6_k_word(ql, qh, i: tl.constexpr, scales, ASM: tl.constexpr):
+    """Word i (bytes 4i .. 4i + 3) of the half's ql[0:32], ql[32:64] and qh as [..., a, b, g0, g1], weight
+    32 g + 4i + a + 2b of the half: nibble g // 2 of ql[32 (g % 2) + l] | bits 2g of qh[l] << 4."""
+    ql0 = _word32(ql + 2 * i)
+    ql1 = _word32(ql + 16 + 2 * i)
+    qh_ = _word32(qh + 2 * i)
+    s = scales[i // 4]  # l = 4i + a < 16 iff i < 4: scale 2g of the half, else 2g + 1
+    return _join4(_bytes4((ql0 & 0x0F0F0F0F) | ((qh_ << 4) & 0x30303030), s[0], 32 * s[0], ASM),
+                  _bytes4((ql1 & 0x0F0F0F0F) | ((qh_ << 2) & 0x30303030), s[1], 32 * s[1], ASM),
+                  _bytes4(((ql0 >> 4) & 0x0F0F0F0F) | (qh_ & 0x30303030), s[2], 32 * s[2], ASM),
+                  _bytes4(((ql1 >> 4) & 0x0F0F0F0F) | ((qh_ >> 2) & 0x30303030), s[3], 32 * s[3], ASM))
+
+
+@triton.jit
+def _q6_k_words(row, u, ASM: tl.constexpr):
+    """Q6_K from int16 words: a block is 105 (ql[64], qh[32], scales[8], d), only 2-byte aligned. row [BLOCK_N, 1],
+    u [1, U] the half h = u % 2 of block u // 2: ql[32h:32h + 32], qh[64 + 16h:...], scales[96 + 4h:...]."""
+    block = row + (u // 2) * 105
+    h = u % 2
+    d = tl.load(block + 104).to(tl.float16, bitcast=True).to(tl.float32)
+    s0, t0 = _q6_k_scales(block + 96 + 4 * h, d)  # group g's scales for l < 16 and l >= 16 are in word g
+    s1, t1 = _q6_k_scales(block + 97 + 4 * h, d)
+    s2, t2 = _q6_k_scales(block + 98 + 4 * h, d)
+    s3, t3 = _q6_k_scales(block + 99 + 4 * h, d)
+    scales = ((s0, s1, s2, s3), (t0, t1, t2, t3))
+    ql, qh = block + 32 * h, block + 64 + 16 * h
+    w = _stack8(_q6_k_word(ql, qh, 0, scales, ASM), _q6_k_word(ql, qh, 1, scales, ASM),
+                _q6_k_word(ql, qh, 2, scales, ASM), _q6_k_word(ql, qh, 3, scales, ASM),
+                _q6_k_word(ql, qh, 4, scales, ASM), _q6_k_word(ql, qh, 5, scales, ASM),
+                _q6_k_word(ql, qh, 6, scales, ASM), _q6_k_word(ql, qh, 7, scales, ASM))
+    # [BLOCK_N, U, a, b, g0, g1, b0, b1, b2] holds weight 32 g + 4 i + a + 2 b, g = g0 + 2 g1, i = b0 + 2 b1 + 4 b2
+    return tl.permute(w, (0, 1, 5, 4, 8, 7, 6, 3, 2))
+
+
+@triton.jit
 def _q8_0(row, u, l, mask):
     block = row + u * 34
     d = _f16(block, mask)
     q = tl.load(block + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True)
     return d * q.to(tl.float32)
-
-
-@triton.jit
-def _k_scale_min(scales, s, mask):
-    """Q4_K/Q5_K: 6-bit scale and min of sub-block s from the 12 packed bytes at `scales`."""
-    a = tl.load(scales + s % 4, mask=mask, other=0).to(tl.int32)
-    b = tl.load(scales + 4 + s % 4, mask=mask, other=0).to(tl.int32)
-    c = tl.load(scales + 8 + s % 4, mask=mask, other=0).to(tl.int32)
-    sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 6) << 4))
-    m = tl.where(s < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
-    return sc.to(tl.float32), m.to(tl.float32)
-
-
-@triton.jit
-def _k_pair(block, s, q_lo, q_hi, mask):
-    """Q4_K/Q5_K weights of sub-blocks s (quants q_lo) and s + 1 (q_hi), joined: [..., 2]."""
-    d = _f16(block, mask)
-    dmin = _f16(block + 2, mask)
-    sc0, m0 = _k_scale_min(block + 4, s, mask)
-    sc1, m1 = _k_scale_min(block + 4, s + 1, mask)
-    return tl.join((d * sc0) * q_lo.to(tl.float32) - dmin * m0, (d * sc1) * q_hi.to(tl.float32) - dmin * m1)
-
-
-@triton.jit
-def _q5_k(row, u, l, mask):
-    block = row + (u // 4) * 176
-    s = 2 * (u % 4)
-    q = tl.load(block + 48 + (u % 4) * 32 + l, mask=mask, other=0).to(tl.int32)
-    qh = tl.load(block + 16 + l, mask=mask, other=0).to(tl.int32)  # bit s of qh[l]: bit 4 of sub-block s's q
-    q_lo = (q & 15) | (((qh >> s) & 1) << 4)
-    q_hi = (q >> 4) | (((qh >> (s + 1)) & 1) << 4)
-    return tl.permute(_k_pair(block, s, q_lo, q_hi, mask), (0, 1, 3, 2))  # [BLOCK_N, U, 2, 32]: in order
-
-
-@triton.jit
-def _q6_k_group(block, j, l, q, mask):
-    """Q6_K weights of group j (its 32 quants q): scale 2j + l // 16."""
-    sc = tl.where(l < 16, tl.load(block + 192 + 2 * j, mask=mask, other=0),
-                  tl.load(block + 193 + 2 * j, mask=mask, other=0)).to(tl.int8, bitcast=True)
-    return sc.to(tl.float32) * (q - 32).to(tl.float32)
-
-
-@triton.jit
-def _q6_k(row, u, l, mask):
-    block = row + (u // 2) * 210  # u: half h = u % 2 of a super-block, groups j = 4h .. 4h + 3
-    h = u % 2
-    ql0 = tl.load(block + h * 64 + l, mask=mask, other=0).to(tl.int32)  # nibbles 0, 1: groups 4h, 4h + 2
-    ql1 = tl.load(block + h * 64 + 32 + l, mask=mask, other=0).to(tl.int32)  # groups 4h + 1, 4h + 3
-    qh = tl.load(block + 128 + h * 32 + l, mask=mask, other=0).to(tl.int32)  # bits 2i: group 4h + i
-    j = 4 * h
-    w0 = _q6_k_group(block, j, l, (ql0 & 15) | ((qh & 3) << 4), mask)
-    w1 = _q6_k_group(block, j + 1, l, (ql1 & 15) | (((qh >> 2) & 3) << 4), mask)
-    w2 = _q6_k_group(block, j + 2, l, (ql0 >> 4) | (((qh >> 4) & 3) << 4), mask)
-    w3 = _q6_k_group(block, j + 3, l, (ql1 >> 4) | ((qh >> 6) << 4), mask)
-    d = tl.expand_dims(tl.expand_dims(_f16(block + 208, mask), 3), 4)
-    return tl.permute(d * _join4(w0, w1, w2, w3), (0, 1, 4, 3, 2))  # [BLOCK_N, U, 2, 2, 32]: group 2b + a
 
 
 @triton.jit
@@ -265,10 +325,10 @@ def _dequant_tile(w_ptr, offs_n, n_mask, k0, N, K, row_stride, QTYPE: tl.constex
     elif QTYPE == "Q4_K":
         w = _q4_k_words(row_in, u_in, ASM)
     elif QTYPE == "Q5_K":
-        w = _q5_k(row, u, l, mask)
+        w = _q5_k_words(row_in, u_in, ASM)
     else:
         tl.static_assert(QTYPE == "Q6_K")
-        w = _q6_k(row, u, l, mask)
+        w = _q6_k_words(row_in, u_in, ASM)
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
@@ -337,8 +397,9 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationT
         BLOCK_N, BLOCK_K = DECODE_TILES[qtype.name]
         BLOCK_K = block_k or BLOCK_K
     else:  # a W tile is dequantized once per M tile: tall M tiles amortize that work over more rows of x
-        BLOCK_M = 32 if M <= 64 else 64 if M <= 256 else 128
-        BLOCK_N, BLOCK_K, num_warps = PREFILL_TILES[qtype.name][BLOCK_M == 128]
+        tiles = PREFILL_TILES[qtype.name]
+        BLOCK_M = min(32 if M <= 64 else 64 if M <= 256 else 128, max(tiles))
+        BLOCK_N, BLOCK_K, num_warps = tiles[BLOCK_M]
         BLOCK_K = block_k or BLOCK_K
     unit = UNIT[qtype.name]
     BLOCK_K = max(BLOCK_K, unit)
