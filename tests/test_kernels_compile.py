@@ -126,5 +126,6 @@ def test_launchers_see_the_target_sm_count(compiled, target):
     """The split heuristics ran for the target's SMs (132 / 108), not the meta device's fallback."""
     (row,) = [r for r in compiled["rows"] if r["target"] == target and r["kernel"] == "_decode_split_kernel"
               and r["scenario"] == "decode bfloat16 32/8 D128 BS16 B1 N4096"]
-    splits, _ = aot.kernel_module("attention").decode_splits(1, 8, 4096 // 16, aot.TARGETS[target].sms)
+    pa = aot.kernel_module("attention")
+    splits, _ = pa.decode_splits(1, 8, 4096 // pa.decode_block_n(128), aot.TARGETS[target].sms)
     assert row["grid"] == [1, 8, splits] and splits > 8
