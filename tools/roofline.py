@@ -58,6 +58,8 @@ def loop_trips(launch, constexprs) -> int:
         return grid[0] * grid[1] * sum(triton.cdiv((t + 1) * BM, BN) for t in range(grid[2]))
     if name == "_xlora_shrink_kernel":
         return grid[0] * grid[1] * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
+    if name == "_xlora_reduce_kernel":
+        return programs * triton.cdiv(_arg(launch, "S"), constexprs["S_BLOCK"])
     if name == "_xlora_mix_kernel":
         return programs * triton.cdiv(_arg(launch, "AR"), constexprs["BLOCK_J"])
     raise KeyError(f"{name}: how many times its main loop runs is not modelled")
