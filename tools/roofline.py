@@ -107,7 +107,7 @@ def report(select: str) -> list[dict]:
     for name, (run, flops, op_bytes) in scenarios().items():
         if select not in name:
             continue
-        with aot.capture(target.sms) as launches:
+        with aot.capture(target.sms, target.capability) as launches:
             run()
         launches_ = [launch_cost(launch, target) for launch in launches]
         executed = sum((Counter(c["executed"]) for c in launches_), Counter())

@@ -59,10 +59,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @triton.jit
-def _kv_rows(block_tables_ptr, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS: tl.constexpr):
+def _kv_rows(block_tables_ptr, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS: tl.constexpr,
+             OFFSET_64: tl.constexpr):
     """Cache offsets of the keys at positions k_pos [BLOCK_N] of one sequence (block_tables_ptr: its row): each key's
-    page is gathered from the block table, so a tile may span several pages in any order."""
-    page = tl.load(block_tables_ptr + k_pos // BS, mask=k_pos < n, other=0).to(tl.int64)
+    page is gathered from the block table, so a tile may span several pages in any order. int32 offsets unless the
+    cache has 2^31 elements or more (OFFSET_64): 64-bit ones cost 6-8% more instructions per tile."""
+    page = tl.load(block_tables_ptr + k_pos // BS, mask=k_pos < n, other=0)
+    if OFFSET_64:
+        page = page.to(tl.int64)
     return page * stride_c_b + (k_pos % BS) * stride_c_s + kvh * stride_c_h  # [BLOCK_N]
 
 
@@ -97,7 +101,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
                             stride_o_t, stride_o_h,
                             GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_WINDOW: tl.constexpr,
-                            USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                            USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, OFFSET_64: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     tile = tl.program_id(2)
@@ -139,11 +143,11 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
         for start in range(first, mid_lo, BLOCK_N):  # the window's lower edge
             k_pos = start + rows
             visible = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
-            kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS)
+            kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS, OFFSET_64)
             m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, kv_row, offs_d, d_valid[None, :], visible,
                                          m_i, l_i, acc, scale, softcap, True, USE_SOFTCAP, PRECISION)
     for start in range(mid_lo, mid_hi, BLOCK_N):  # seen whole
-        kv_row = _kv_rows(table, start + rows, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS)
+        kv_row = _kv_rows(table, start + rows, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS, OFFSET_64)
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, kv_row, offs_d, d_valid[None, :], None, m_i, l_i,
                                      acc, scale, softcap, False, USE_SOFTCAP, PRECISION)
     for start in range(mid_hi, end, BLOCK_N):  # the causal diagonal
@@ -151,7 +155,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
         visible = k_pos[None, :] <= q_pos[:, None]
         if USE_WINDOW:
             visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
-        kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS)
+        kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS, OFFSET_64)
         kv_mask = (k_pos < n)[:, None] & d_valid[None, :]  # the last tile's keys past n may be NaN garbage
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, kv_row, offs_d, kv_mask, visible, m_i, l_i, acc,
                                      scale, softcap, True, USE_SOFTCAP, PRECISION)
@@ -160,14 +164,20 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
              out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
 
-def prefill_tiles(max_seqlen_q: int, BLOCK_D: int) -> tuple[int, int, int]:
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
+
+
+def prefill_tiles(max_seqlen_q: int, BLOCK_D: int, capability: tuple[int, int]) -> tuple[int, int, int]:
     """(BLOCK_M queries, BLOCK_N keys, warps) per program. A key tile may span pages (their ids are gathered per
-    key), so the softmax is rescaled once per tile, not once per page: 64 keys at head dim <= 64, 32 above, where a
-    [64, 64] logit tile beside the [64, 128] accumulator and q needs 255 registers and spills on sm_80 (32 keys: 189,
-    about what one 16-key page took). 16 queries when every sequence has at most 16 new tokens (a short chunk);
-    8 warps at head dim 256, where 4 spill a [64, 256] fp32 accumulator on sm_80."""
+    key), so the softmax is rescaled once per tile, not once per page: 64 keys at head dim <= 64, and at 128 on
+    sm_90 (198 registers) or for 16 queries; 32 otherwise, where on sm_80 a [64, 64] logit tile beside the [64, 128]
+    accumulator and q needs 255 registers and spills (32 keys: 186, about what one 16-key page took).
+    16 queries when every sequence has at most 16 new tokens (a short chunk); 8 warps at head dim 256, where 4 spill
+    a [64, 256] fp32 accumulator on sm_80."""
     BLOCK_M = 16 if max_seqlen_q <= 16 else 64
-    return BLOCK_M, 64 if BLOCK_D <= 64 else 32, 8 if BLOCK_D >= 256 else 4
+    wide = BLOCK_D <= 64 or (BLOCK_D <= 128 and (BLOCK_M == 16 or capability >= (9, 0)))
+    return BLOCK_M, 64 if wide else 32, 8 if BLOCK_D >= 256 else 4
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -185,7 +195,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     out = torch.empty_like(q)
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_M, BLOCK_N, num_warps = prefill_tiles(max_seqlen_q, BLOCK_D)
+    BLOCK_M, BLOCK_N, num_warps = prefill_tiles(max_seqlen_q, BLOCK_D, _capability(q.device))
     grid = (B, H, triton.cdiv(max_seqlen_q, BLOCK_M))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q,
@@ -195,7 +205,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=H // KVH, D=D, BLOCK_D=BLOCK_D, BS=BS,
         BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, USE_WINDOW=sliding_window is not None,
         USE_SOFTCAP=softcap is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
+        OFFSET_64=k_cache.numel() >= 2 ** 31, num_warps=num_warps)
     return out
 
 
@@ -205,7 +215,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
                          stride_q_t, stride_q_h, stride_c_b, stride_c_s, stride_c_h, stride_bt_b,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, OFFSET_64: tl.constexpr):
     """Partial attention of the GROUP query heads of KV head `kvh` over one split of sequence b's keys."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -238,7 +248,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         visible = k_pos < n
         if USE_WINDOW:
             visible = visible & (k_pos > q_pos - window)
-        kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS)
+        kv_row = _kv_rows(table, k_pos, n, kvh, stride_c_b, stride_c_s, stride_c_h, BS, OFFSET_64)
         m_i, l_i, acc = _attend_tile(q, k_cache_ptr, v_cache_ptr, kv_row, offs_d, visible[:, None] & d_valid[None, :],
                                      visible[None, :], m_i, l_i, acc, scale, softcap, True, USE_SOFTCAP, PRECISION)
 
@@ -342,7 +352,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         sliding_window or 0, tiles_per_split, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), GROUP=GROUP, G_PAD=G_PAD, D=D, BLOCK_D=BLOCK_D, BS=BS,
         BLOCK_N=BLOCK_N, USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", OFFSET_64=k_cache.numel() >= 2 ** 31)
     out = torch.empty_like(q)
     G_POW2 = triton.next_power_of_2(GROUP)
     _decode_reduce_kernel[(B, KVH)](part_acc, part_ml, out, S, out.stride(0), out.stride(1),
