@@ -133,6 +133,18 @@ def test_multi_page_tiles_match_reference(case, window, softcap):
         torch.testing.assert_close(ours, ref[last], **TOL[torch.float32])
 
 
+
+def test_sm90_prefill_tiles_match_reference(monkeypatch):
+    """The 64-key tiles the launcher picks on sm_90 at head dim 128 (32 on sm_80 and here), run interpreted."""
+    monkeypatch.setattr(triton_ops, "_capability", lambda device: (9, 0))
+    assert triton_ops.prefill_tiles(100, 128, (9, 0))[1] == 64
+    q, k_cache, v_cache, tables, lens, cu = make_case([80, 5], [80, 140], 2, 1, 128, 16, torch.float32)
+    for window in (None, 40):
+        ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, 128 ** -0.5, window)
+        ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 128 ** -0.5, window)
+        torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+
+
 CPU_CASES = {
     **{name: CASES[name] for name in ("prefill_mixed_lengths_gqa4", "chunked_prefill_over_context",
                                       "decode_batch_half_full_block_gqa8", "decode_one_token",
