@@ -18,7 +18,8 @@ costs A*R multiplies per token instead of A*K.
 
 Three kernels, the "shrink" and "expand" of multi-LoRA serving (Punica, S-LoRA, vLLM) and a split reduction:
     _xlora_shrink_kernel  program per (A*R tile, T tile, K split) -> fp32 partials of the scaled h, [S, T, A*R].
-                          Decode has one T tile, so K is split until the programs fill the GPU (about one per SM).
+                          Decode has one T tile, so K is split until the programs fill the GPU (up to two per SM;
+                          128 at A*R = 128, K = 4096, one 128-wide K tile each).
     _xlora_reduce_kernel  h = the sum of the S partials, in a fixed order (deterministic); skipped when S = 1.
     _xlora_mix_kernel     program per (T tile, N tile): h [BLOCK_T, A*R] times Bcat, in chunks of BLOCK_J columns
                           read straight from lora_b; each chunk's h and Bcat loads are pipelined with the dot.
@@ -28,7 +29,8 @@ layer's own T*K*N (2.25x at BLOCK_N = 64); in decode every program streams 1.2 M
 100-200 GB/s, so 6-12 us) where the whole op moves 2.4 MB. h is 576 B per token in fp32: writing and rereading it
 is nothing next to that. Nor a mix that sums the S partials itself: all N / BLOCK_N of its programs would reread
 S * T * A*R * 4 bytes (16 KB at T = 1, S = 32: twice its 8 KB tile of Bcat), so the split count had to stay small
-and the shrink could not fill the GPU; the reduce reads them once.
+and the shrink could not fill the GPU; the reduce reads them once. It costs decode a third launch (prefill does
+not split), which only a GPU can weigh against the rereads it saves.
 
 Shapes that change step to step (T, and with it the split size and the partials' stride) are runtime ints marked
 do_not_specialize; the rank R is a constexpr (fixed per model: j // R and j % R become shifts).
