@@ -28,9 +28,11 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 DOT_TILE_M = {"_paged_attention_kernel": "BLOCK_M", "_decode_split_kernel": "G_PAD", "_gguf_matmul_kernel": "BLOCK_N",
               "_xlora_shrink_kernel": "BLOCK_T", "_xlora_mix_kernel": "BLOCK_T"}
 # Compiles per kernel allowed over a trace. Decode from 1 to 8192 tokens: nothing in a decode launch depends on the
-# context length (today: 1 each). A batch growing 1 -> 64: one per power-of-two bucket.
+# context length (today: 1 each). A batch growing 1 -> 64: one per power-of-two bucket at most; the X-LoRA kernels
+# take T at runtime, so one per tile config (decode T <= 16, prefill T <= 64).
 DECODE_TRACE_MAX = 4
 BATCH_TRACE_MAX = 7
+XLORA_BATCH_TRACE_MAX = 2
 
 
 def run_aot(tmp: Path, *extra: str) -> dict:
@@ -112,6 +114,10 @@ def test_batch_trace_compiles_at_most_one_variant_per_power_of_two(compiled, tar
     per_kernel = compiled["batch_trace"][target]
     over = {k: n for k, n in per_kernel.items() if n > BATCH_TRACE_MAX}
     assert not over, f"a decode batch growing 1 -> 64 on {target} compiles {over} (at most {BATCH_TRACE_MAX} each)"
+    xlora = {k: n for k, n in per_kernel.items() if k.startswith("_xlora")}
+    assert {"_xlora_shrink_kernel", "_xlora_mix_kernel"} <= set(xlora)
+    over = {k: n for k, n in xlora.items() if n > XLORA_BATCH_TRACE_MAX}
+    assert not over, f"X-LoRA over a batch 1 -> 64 on {target} compiles {over} (at most {XLORA_BATCH_TRACE_MAX} each)"
 
 
 @pytest.mark.slow
@@ -126,5 +132,6 @@ def test_launchers_see_the_target_sm_count(compiled, target):
     """The split heuristics ran for the target's SMs (132 / 108), not the meta device's fallback."""
     (row,) = [r for r in compiled["rows"] if r["target"] == target and r["kernel"] == "_decode_split_kernel"
               and r["scenario"] == "decode bfloat16 32/8 D128 BS16 B1 N4096"]
-    splits, _ = aot.kernel_module("attention").decode_splits(1, 8, 4096 // 16, aot.TARGETS[target].sms)
+    pa = aot.kernel_module("attention")
+    splits, _ = pa.decode_splits(1, 8, 4096 // pa.decode_block_n(128), aot.TARGETS[target].sms)
     assert row["grid"] == [1, 8, splits] and splits > 8

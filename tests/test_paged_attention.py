@@ -68,6 +68,8 @@ DECODE_CASES = {
     "gqa8_d128": ([33, 5], 8, 1, 128, 16),
     "mha_non_power_of_two_heads_d80": ([30, 9], 6, 6, 80, 32),
     "gqa_3_odd_block": ([23, 2], 6, 2, 64, 5),
+    "gqa4_long_tiles": ([300, 129, 64], 8, 2, 64, 16),  # several key tiles per split, contexts off the tile grid
+    "gqa8_reduce_group": ([77], 16, 2, 64, 8),
 }
 
 
@@ -96,6 +98,51 @@ def test_softcap_matches_reference():
     uncapped = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 0.125)
     torch.testing.assert_close(ours, ref, **TOL[torch.float32])
     assert not torch.allclose(ref, uncapped, atol=1e-3)
+
+
+
+TILE_CASES = {
+    # name: (q_lens, ctx_lens, H, KVH, D, BS). Prefill key tiles span 32-64 keys (kernels/attention.py
+    # prefill_tiles), several shuffled pages each; long sequences give query tiles whose earlier key tiles are seen
+    # whole (the unmasked loop) beside the diagonal; lengths are not multiples of any tile.
+    "prefill_long_gqa3_block8": ([150, 77], [150, 77], 6, 2, 64, 8),
+    "chunked_over_context_gqa5_block16": ([70, 1], [201, 100], 10, 2, 64, 16),
+    "mqa_gqa8_block5_d80": ([90], [133], 8, 1, 80, 5),
+    "mha_d128_block16": ([65, 3], [65, 99], 3, 3, 128, 16),
+}
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["no_cap", "cap_5"])
+@pytest.mark.parametrize("window", [None, 7, 40], ids=["no_window", "window_7", "window_40"])
+@pytest.mark.parametrize("case", TILE_CASES)
+def test_multi_page_tiles_match_reference(case, window, softcap):
+    """Prefill over tiles of several pages (masked window edge, unmasked middle, causal diagonal), and decode of
+    every sequence's last token with GQA groups of 1/3/5/8 real heads padded to the dot's 16 rows."""
+    q_lens, ctx_lens, H, KVH, D, BS = TILE_CASES[case]
+    q, k_cache, v_cache, tables, lens, cu = make_case(q_lens, ctx_lens, H, KVH, D, BS, torch.float32)
+    q = q * 3  # logits of a few units, so that the cap bites
+    scale = D ** -0.5
+    ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, softcap)
+    ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, scale, window, softcap)
+    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+    last = cu[1:] - 1
+    q1, cu1 = q[last], torch.arange(len(q_lens) + 1, dtype=torch.int32)
+    for splits in (None, 2):
+        ours = triton_ops.paged_decode_attention(q1, k_cache, v_cache, tables, lens, cu1, scale, window, softcap,
+                                                 num_splits=splits)
+        torch.testing.assert_close(ours, ref[last], **TOL[torch.float32])
+
+
+
+def test_sm90_prefill_tiles_match_reference(monkeypatch):
+    """The 64-key tiles the launcher picks on sm_90 at head dim 128 (32 on sm_80 and here), run interpreted."""
+    monkeypatch.setattr(triton_ops, "_capability", lambda device: (9, 0))
+    assert triton_ops.prefill_tiles(100, 128, (9, 0))[1] == 64
+    q, k_cache, v_cache, tables, lens, cu = make_case([80, 5], [80, 140], 2, 1, 128, 16, torch.float32)
+    for window in (None, 40):
+        ours = triton_ops.paged_attention(q, k_cache, v_cache, tables, lens, cu, 128 ** -0.5, window)
+        ref = reference.paged_attention(q, k_cache, v_cache, tables, lens, cu, 128 ** -0.5, window)
+        torch.testing.assert_close(ours, ref, **TOL[torch.float32])
 
 
 CPU_CASES = {

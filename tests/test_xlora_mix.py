@@ -98,6 +98,16 @@ def test_split_k_matches_one_split(T):
     torch.testing.assert_close(one, three, atol=1e-5, rtol=1e-5)
 
 
+def test_many_splits_take_several_reduce_steps():
+    """20 K splits: the reduce sums them 16 per load, so twice; T = 3 * A*R = 48 values of h is one reduce program."""
+    T, K, N, A, R = 3, 20 * 128, 40, 3, 16
+    x = torch.randn(T, K)
+    lora_a, lora_b, adapter_scale = adapters(A, R, K, N)
+    s = make_scalings(T, A, "arbitrary")
+    many = check(x, lora_a, lora_b, s, adapter_scale, split_k=20)
+    torch.testing.assert_close(many, check(x, lora_a, lora_b, s, adapter_scale, split_k=1), atol=1e-5, rtol=1e-5)
+
+
 def test_strided_inputs():
     """x as a slice of a wider buffer; scalings as one layer's slice of the classifier's [T, n_layers, A] output;
     fp16 scalings and adapter_scale with fp32 x."""

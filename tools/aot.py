@@ -7,7 +7,7 @@
 
 As a library:
 
-    with aot.capture(sms=132) as launches:           # the real launcher, on meta tensors: nothing runs
+    with aot.capture(sms=132, capability=90) as launches:   # the real launcher, on meta tensors: nothing runs
         kernels = aot.kernel_module("attention")
         kernels.paged_decode_attention(q, k_cache, ...)
     for launch in launches:
@@ -16,7 +16,8 @@ As a library:
 
 How: kernel_module() imports a private copy of mistralrs/kernels/<name>.py with TRITON_INTERPRET off, so its
 kernels are real JITFunctions even inside a test session that interprets. capture() swaps JITFunction.run for a
-recorder and makes the launchers see the target's SM count (their split heuristics read it). A recorded launch is
+recorder and makes the launchers see the target's SM count (their split heuristics read it) and compute capability
+(tile choices may depend on it). A recorded launch is
 bound and specialized by Triton's own binder (pointer alignment, ints equal to 1 or divisible by 16, unless the
 kernel marks them do_not_specialize), then triton.compile(ASTSource, GPUTarget("cuda", cap, 32)) runs
 TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas the Triton wheel ships. The cubin is read back with the wheel's
@@ -108,8 +109,9 @@ class Launch:
 
 
 @contextmanager
-def capture(sms: int):
-    """Record every kernel launch instead of running it; the launchers see a GPU with `sms` SMs."""
+def capture(sms: int, capability: int = 90):
+    """Record every kernel launch instead of running it; the launchers see a GPU with `sms` SMs and compute
+    capability `capability` (90: sm_90a)."""
     launches: list[Launch] = []
 
     def record(self, *args, grid, warmup, **kwargs):
@@ -126,6 +128,9 @@ def capture(sms: int):
         if hasattr(module, "_sm_count"):
             saved.append((module, "_sm_count", module._sm_count))
             module._sm_count = lambda device: sms
+        if hasattr(module, "_capability"):
+            saved.append((module, "_capability", module._capability))
+            module._capability = lambda device: divmod(capability, 10)
         elif hasattr(module, "_num_splits"):  # _num_splits(..., device) reads the SM count of a CUDA device
             orig = module._num_splits
             saved.append((module, "_num_splits", orig))
@@ -369,7 +374,8 @@ SWEEP = {
 }
 
 
-def decode_trace(B: int, sms: int, *, H=32, KVH=8, D=128, BS=16, max_context=8192, dtype=BF16) -> dict[str, int]:
+def decode_trace(B: int, sms: int, capability: int = 90, *, H=32, KVH=8, D=128, BS=16, max_context=8192,
+                 dtype=BF16) -> dict[str, int]:
     """Distinct compiles (specialization keys per kernel) of B sequences decoding together from 1 to max_context
     tokens: every step stores B new tokens and attends over block tables one page wider every BS tokens (the only
     launch argument the context changes; the cache pool is allocated once)."""
@@ -377,7 +383,7 @@ def decode_trace(B: int, sms: int, *, H=32, KVH=8, D=128, BS=16, max_context=819
     k_cache = _t(B * triton.cdiv(max_context, BS), BS, KVH, D, dtype=dtype)
     keys: dict[str, set] = {}
     for width in range(1, triton.cdiv(max_context, BS) + 1):
-        with capture(sms) as launches:
+        with capture(sms, capability) as launches:
             k = _t(B, KVH, D, dtype=dtype)
             pa.store_kv(k, k, k_cache, k_cache, _t(B, dtype=torch.int64))
             pa.paged_decode_attention(_t(B, H, D, dtype=dtype), k_cache, k_cache, _t(B, width), _t(B), _t(B + 1),
@@ -387,12 +393,12 @@ def decode_trace(B: int, sms: int, *, H=32, KVH=8, D=128, BS=16, max_context=819
     return {name: len(k) for name, k in keys.items()}
 
 
-def batch_trace(sms: int, max_batch: int = 64) -> dict[str, int]:
+def batch_trace(sms: int, capability: int = 90, max_batch: int = 64) -> dict[str, int]:
     """Distinct compiles as the decode batch changes size (continuous batching): 1..max_batch sequences of 1000
     tokens through attention, the GGUF matmul (M = batch) and the X-LoRA mix (T = batch)."""
     keys: dict[str, set] = {}
     for B in range(1, max_batch + 1):
-        with capture(sms) as launches:
+        with capture(sms, capability) as launches:
             attention(BF16, 32, 8, 128, 16, B=B, N=1000)()
             gguf_matmul("Q4_0", B, 14336, 4096)()
             xlora(B, 4096, 14336)()
@@ -405,7 +411,7 @@ def compile_scenarios(scenarios: dict, target: Target) -> list[dict]:
     """One row per launch: the scenario, kernel, grid, and what the compile gave (or the error)."""
     rows = []
     for name, run in scenarios.items():
-        with capture(target.sms) as launches:
+        with capture(target.sms, target.capability) as launches:
             run()
         for launch in launches:
             row = dict(scenario=name, kernel=launch.name, target=target.name, grid=list(launch.grid))
@@ -463,8 +469,8 @@ def main() -> int:
         out["rows"] += rows
         print(_table(rows), flush=True)
         if not a.no_trace:
-            out["decode_trace"][name] = {B: decode_trace(B, target.sms) for B in (1, 8, 64)}
-            out["batch_trace"][name] = batch_trace(target.sms)
+            out["decode_trace"][name] = {B: decode_trace(B, target.sms, target.capability) for B in (1, 8, 64)}
+            out["batch_trace"][name] = batch_trace(target.sms, target.capability)
             for B, per in out["decode_trace"][name].items():
                 print(f"{name} decode trace, context 1 -> 8192, B={B}: {sum(per.values())} compiles {per}")
             print(f"{name} batch trace, B 1 -> 64: {out['batch_trace'][name]}", flush=True)

@@ -48,15 +48,18 @@ def loop_trips(launch, constexprs) -> int:
         return grid[0] * (grid[1] if len(grid) > 1 else 1) * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
     if name == "_split_k_reduce_kernel":
         return programs * _arg(launch, "splits")
-    if name == "_decode_split_kernel":  # every page of every (sequence, KV head) once
-        return grid[0] * grid[1] * _arg(launch, "block_tables_ptr").shape[1]
+    if name == "_decode_split_kernel":  # every key tile of every (sequence, KV head) once
+        keys = _arg(launch, "block_tables_ptr").shape[1] * constexprs["BS"]
+        return grid[0] * grid[1] * triton.cdiv(keys, constexprs["BLOCK_N"])
     if name == "_decode_reduce_kernel":
         return programs * triton.cdiv(_arg(launch, "n_split"), constexprs["S_BLOCK"])
-    if name == "_paged_attention_kernel":  # causal: query tile t sees the pages up to its last query
-        BM, BS = constexprs["BLOCK_M"], constexprs["BS"]
-        return grid[0] * grid[1] * sum(triton.cdiv((t + 1) * BM, BS) for t in range(grid[2]))
+    if name == "_paged_attention_kernel":  # causal: query tile t sees the key tiles up to its last query; all are
+        BM, BN = constexprs["BLOCK_M"], constexprs["BLOCK_N"]  # counted at the masked loop's cost (an upper bound)
+        return grid[0] * grid[1] * sum(triton.cdiv((t + 1) * BM, BN) for t in range(grid[2]))
     if name == "_xlora_shrink_kernel":
         return grid[0] * grid[1] * triton.cdiv(_arg(launch, "K"), constexprs["BLOCK_K"])
+    if name == "_xlora_reduce_kernel":
+        return programs * triton.cdiv(_arg(launch, "S"), constexprs["S_BLOCK"])
     if name == "_xlora_mix_kernel":
         return programs * triton.cdiv(_arg(launch, "AR"), constexprs["BLOCK_J"])
     raise KeyError(f"{name}: how many times its main loop runs is not modelled")
@@ -104,7 +107,7 @@ def report(select: str) -> list[dict]:
     for name, (run, flops, op_bytes) in scenarios().items():
         if select not in name:
             continue
-        with aot.capture(target.sms) as launches:
+        with aot.capture(target.sms, target.capability) as launches:
             run()
         launches_ = [launch_cost(launch, target) for launch in launches]
         executed = sum((Counter(c["executed"]) for c in launches_), Counter())

@@ -16,16 +16,24 @@ Every adapter has rank R (the caller zero-pads smaller ranks). A * R is small (9
 The original scales x by s before A_a; scaling h after it is the same (A_a is linear: A_a (s x) = s (A_a x)) and
 costs A*R multiplies per token instead of A*K.
 
-Two kernels, the "shrink" and "expand" of multi-LoRA serving (Punica, S-LoRA, vLLM):
-    _xlora_shrink_kernel  program per (A*R tile, T tile, K split) -> fp32 partials of h, [S, T, A*R]. Decode has one
-                          T tile, so K is split to spread the read of Acat over the GPU.
-    _xlora_mix_kernel     program per (T tile, N tile): sums the S partials of h, scales each adapter's R columns,
-                          and multiplies by Bcat in chunks of BLOCK_J columns read straight from lora_b.
+Three kernels, the "shrink" and "expand" of multi-LoRA serving (Punica, S-LoRA, vLLM) and a split reduction:
+    _xlora_shrink_kernel  program per (A*R tile, T tile, K split) -> fp32 partials of the scaled h, [S, T, A*R].
+                          Decode has one T tile, so K is split until the programs fill the GPU (up to two per SM;
+                          128 at A*R = 128, K = 4096, one 128-wide K tile each).
+    _xlora_reduce_kernel  h = the sum of the S partials, in a fixed order (deterministic); skipped when S = 1.
+    _xlora_mix_kernel     program per (T tile, N tile): h [BLOCK_T, A*R] times Bcat, in chunks of BLOCK_J columns
+                          read straight from lora_b; each chunk's h and Bcat loads are pipelined with the dot.
 Not one kernel that recomputes h in every N tile: each program would then read all of Acat (1.2 MB at K = 4096,
 bf16) and redo T*K*A*R multiply-adds, N / BLOCK_N times over. In prefill that is A*R / BLOCK_N times the base
 layer's own T*K*N (2.25x at BLOCK_N = 64); in decode every program streams 1.2 MB through its one SM (some
 100-200 GB/s, so 6-12 us) where the whole op moves 2.4 MB. h is 576 B per token in fp32: writing and rereading it
-is nothing next to that.
+is nothing next to that. Nor a mix that sums the S partials itself: all N / BLOCK_N of its programs would reread
+S * T * A*R * 4 bytes (16 KB at T = 1, S = 32: twice its 8 KB tile of Bcat), so the split count had to stay small
+and the shrink could not fill the GPU; the reduce reads them once. It costs decode a third launch (prefill does
+not split), which only a GPU can weigh against the rereads it saves.
+
+Shapes that change step to step (T, and with it the split size and the partials' stride) are runtime ints marked
+do_not_specialize; the rank R is a constexpr (fixed per model: j // R and j % R become shifts).
 
 Precision: fp32 accumulation throughout. The expand multiplies fp32 h by Bcat in tf32 for fp16/bf16 inputs (exact
 for Bcat, 10 mantissa bits for h where a cast to bf16 would keep 7), in ieee fp32 for fp32 inputs.
@@ -34,13 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
+REDUCE_BLOCK, REDUCE_S_BLOCK = 256, 16  # values of h per reduce program, partials per load
+MIX_BLOCK_J = 32  # columns of h (rows of Bcat.T) per mix step
 DECODE_MAX_T = 16  # up to here one T tile of 16 rows (tl.dot's minimum) covers every token
+PARTIAL_ROWS = 512  # S * T at most: the partials (2 * S * T * A*R * 4 bytes through L2) stay small beside Acat
 
 
-@triton.jit
-def _xlora_shrink_kernel(x_ptr, a_ptr, part_ptr, T, K, AR, tiles_per_split,
-                         stride_x_t, stride_p_s, stride_p_t,
-                         BLOCK_T: tl.constexpr, BLOCK_AR: tl.constexpr, BLOCK_K: tl.constexpr,
+@triton.jit(do_not_specialize=["T", "tiles_per_split", "stride_p_s"])
+def _xlora_shrink_kernel(x_ptr, a_ptr, scal_ptr, ascale_ptr, part_ptr, T, K, AR, tiles_per_split,
+                         stride_x_t, stride_s_t, stride_s_a, stride_p_s,
+                         R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_AR: tl.constexpr, BLOCK_K: tl.constexpr,
                          PRECISION: tl.constexpr):
     pid_j = tl.program_id(0)  # fastest: the programs sharing an x tile run together
     pid_t = tl.program_id(1)
@@ -61,15 +72,35 @@ def _xlora_shrink_kernel(x_ptr, a_ptr, part_ptr, T, K, AR, tiles_per_split,
                     other=0.0)  # [BLOCK_T, BLOCK_K]
         a = tl.load(a_rows + offs_k[None, :], mask=j_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_AR, BLOCK_K]
         acc = tl.dot(x, tl.trans(a), acc, input_precision=PRECISION)
-    part = part_ptr + split * stride_p_s + offs_t[:, None] * stride_p_t + offs_j[None, :]
-    tl.store(part, acc, mask=t_mask[:, None] & j_mask[None, :])
+    # h[t, j] *= scalings[t, a] * adapter_scale[a], a = j // R: linear, so each split's partial may take it
+    tj_mask = t_mask[:, None] & j_mask[None, :]
+    adapter = offs_j // R
+    s_ta = tl.load(scal_ptr + offs_t[:, None] * stride_s_t + adapter[None, :] * stride_s_a, mask=tj_mask,
+                   other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_AR]
+    c_a = tl.load(ascale_ptr + adapter, mask=j_mask, other=0.0).to(tl.float32)  # [BLOCK_AR]
+    part = part_ptr + split * stride_p_s + offs_t[:, None] * AR + offs_j[None, :]
+    tl.store(part, acc * s_ta * c_a[None, :], mask=tj_mask)
 
 
-@triton.jit
-def _xlora_mix_kernel(part_ptr, b_ptr, scal_ptr, ascale_ptr, out_ptr, T, N, AR, R, S,
-                      stride_p_s, stride_p_t, stride_b_a, stride_b_n, stride_s_t, stride_s_a, stride_o_t,
-                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)  # fastest: the programs sharing the partials of a T tile run together
+@triton.jit(do_not_specialize=["n", "S"])
+def _xlora_reduce_kernel(part_ptr, h_ptr, n, S, BLOCK: tl.constexpr, S_BLOCK: tl.constexpr):
+    """h[i] = sum_s part[s, i] over the n = T * A*R values of h, S_BLOCK splits per load."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    h = tl.zeros((BLOCK,), tl.float32)
+    for s0 in range(0, S, S_BLOCK):
+        s = s0 + tl.arange(0, S_BLOCK)
+        p = tl.load(part_ptr + s.to(tl.int64)[:, None] * n + offs[None, :], mask=(s < S)[:, None] & mask[None, :],
+                    other=0.0)  # [S_BLOCK, BLOCK]
+        h += tl.sum(p, axis=0)
+    tl.store(h_ptr + offs, h, mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _xlora_mix_kernel(h_ptr, b_ptr, out_ptr, T, N, AR, stride_b_a, stride_b_n, stride_o_t,
+                      R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)  # fastest: the programs sharing a T tile of h run together
     pid_t = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,28 +110,21 @@ def _xlora_mix_kernel(part_ptr, b_ptr, scal_ptr, ascale_ptr, out_ptr, T, N, AR, 
     for j0 in range(0, AR, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)  # columns of h = rows of Bcat.T
         j_mask = offs_j < AR
-        th_mask = t_mask[:, None] & j_mask[None, :]
-        h_ptrs = part_ptr + offs_t[:, None] * stride_p_t + offs_j[None, :]
-        h = tl.zeros((BLOCK_T, BLOCK_J), tl.float32)
-        for s in range(S):  # the K splits' partials, in split order: deterministic
-            h += tl.load(h_ptrs + s * stride_p_s, mask=th_mask, other=0.0)
-        adapter = offs_j // R  # [BLOCK_J]: a chunk may span adapters (R = 8) or part of one
-        s_ta = tl.load(scal_ptr + offs_t[:, None] * stride_s_t + adapter[None, :] * stride_s_a, mask=th_mask,
-                       other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_J]
-        c_a = tl.load(ascale_ptr + adapter, mask=j_mask, other=0.0).to(tl.float32)  # [BLOCK_J]
-        h = h * s_ta * c_a[None, :]
-        b = tl.load(b_ptr + adapter[:, None] * stride_b_a + offs_n[None, :] * stride_b_n + (offs_j % R)[:, None],
+        h = tl.load(h_ptr + offs_t[:, None] * AR + offs_j[None, :], mask=t_mask[:, None] & j_mask[None, :],
+                    other=0.0)  # [BLOCK_T, BLOCK_J]
+        # a chunk may span adapters (R = 8) or part of one
+        b = tl.load(b_ptr + (offs_j // R)[:, None] * stride_b_a + offs_n[None, :] * stride_b_n + (offs_j % R)[:, None],
                     mask=j_mask[:, None] & n_mask[None, :], other=0.0)  # Bcat.T chunk [BLOCK_J, BLOCK_N]
         acc = tl.dot(h, b.to(tl.float32), acc, input_precision=PRECISION)
     out = out_ptr + offs_t.to(tl.int64)[:, None] * stride_o_t + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
-def _num_splits(programs: int, k_tiles: int, rows: int, device: torch.device) -> int:
-    """K splits for the shrink: ~4 programs per SM, but each mix program rereads S * rows * A*R * 4 bytes of
-    partials, so S * rows stays <= 64 (decode: T = 1 splits up to 64 ways, T = 8 up to 8; prefill does not split)."""
+def _num_splits(programs: int, k_tiles: int, T: int, device: torch.device) -> int:
+    """K splits for the shrink: about two programs per SM, at least one K tile each, and S * T <= PARTIAL_ROWS
+    (decode: T = 1..16 splits 32 ways at K = 4096; prefill at T = 512 does not split)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(k_tiles, triton.cdiv(4 * sms, programs), 64 // rows))
+    return max(1, min(k_tiles, triton.cdiv(2 * sms, programs), PARTIAL_ROWS // T))
 
 
 def xlora_mix(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
@@ -131,21 +155,25 @@ def xlora_mix(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scali
     # programs at A*R = 144, each reading its x tile and Acat tile once.
     BLOCK_T, BLOCK_AR, BLOCK_K = (16, 32, 128) if decode else (32, 32, 64)
     grid_j, grid_t, k_tiles = triton.cdiv(AR, BLOCK_AR), triton.cdiv(T, BLOCK_T), triton.cdiv(K, BLOCK_K)
-    mix_t = 16 if decode else 32 if T <= 64 else 64  # the mix's BLOCK_T
-    S = split_k or _num_splits(grid_j * grid_t, k_tiles, min(T, mix_t), x.device)
+    S = split_k or _num_splits(grid_j * grid_t, k_tiles, T, x.device)
     tiles_per_split = triton.cdiv(k_tiles, S)
     S = triton.cdiv(k_tiles, tiles_per_split)  # no empty split
     part = torch.empty(S, T, AR, dtype=torch.float32, device=x.device)
     _xlora_shrink_kernel[(grid_j, grid_t, S)](
-        x, lora_a, part, T, K, AR, tiles_per_split, x.stride(0), part.stride(0), part.stride(1),
-        BLOCK_T=BLOCK_T, BLOCK_AR=BLOCK_AR, BLOCK_K=BLOCK_K, PRECISION=precision)
+        x, lora_a, scalings, adapter_scale, part, T, K, AR, tiles_per_split, x.stride(0), scalings.stride(0),
+        scalings.stride(1), part.stride(0), R=R, BLOCK_T=BLOCK_T, BLOCK_AR=BLOCK_AR, BLOCK_K=BLOCK_K,
+        PRECISION=precision)
+    h = part[0]  # [T, AR]
+    if S > 1:
+        h = torch.empty(T, AR, dtype=torch.float32, device=x.device)
+        _xlora_reduce_kernel[(triton.cdiv(T * AR, REDUCE_BLOCK),)](part, h, T * AR, S, BLOCK=REDUCE_BLOCK,
+                                                                    S_BLOCK=REDUCE_S_BLOCK)
 
     # Mix: reads Bcat once per T tile; decode uses narrow N tiles so that N / 32 programs share the read.
+    mix_t = 16 if decode else 32 if T <= 64 else 64
     BLOCK_N = 32 if decode else 64 if T <= 64 else 128
     _xlora_mix_kernel[(triton.cdiv(N, BLOCK_N), triton.cdiv(T, mix_t))](
-        part, lora_b, scalings, adapter_scale, out, T, N, AR, R, S,
-        part.stride(0), part.stride(1), lora_b.stride(0), lora_b.stride(1), scalings.stride(0), scalings.stride(1),
-        out.stride(0),
-        BLOCK_T=mix_t, BLOCK_N=BLOCK_N, BLOCK_J=16, PRECISION=precision,
+        h, lora_b, out, T, N, AR, lora_b.stride(0), lora_b.stride(1), out.stride(0),
+        R=R, BLOCK_T=mix_t, BLOCK_N=BLOCK_N, BLOCK_J=MIX_BLOCK_J, PRECISION=precision,
         num_warps=8 if mix_t * BLOCK_N >= 64 * 128 else 4)
     return out
