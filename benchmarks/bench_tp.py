@@ -1,6 +1,6 @@
 """Tensor parallelism: what the collectives cost per decode step, and the decode speed at N ranks against one.
 
-The demo model (or MISTRALRS_BENCH_MODEL / MISTRALRS_BENCH_ARCH) decodes a 64-token greedy completion at batch 1
+The demo model (or MISTRALRS_BENCH_MODEL / MISTRALRS_BENCH_ARCH, or a GGUF file MISTRALRS_BENCH_GGUF) decodes a 64-token greedy completion at batch 1
 and at batch 8 with tensor_parallel_size N = 1, 2 (CPU, gloo) or 1, 2, 4, 8 up to the GPU count (NCCL; one GPU:
 N = 1 only). Rank 0 times
 every collective it takes part in (the step's broadcast, the all-reduces after each attention and MLP and of the
@@ -22,6 +22,7 @@ from mistralrs.__main__ import ARCHS, DEMO_MODEL
 
 MODEL = os.environ.get("MISTRALRS_BENCH_MODEL", str(DEMO_MODEL))
 ARCH = os.environ.get("MISTRALRS_BENCH_ARCH", "llama")
+GGUF = os.environ.get("MISTRALRS_BENCH_GGUF")  # e.g. the real Gemma 3 270M Q4_K_M of tools/real_models.py
 TOKENS = 64
 SIZES = [n for n in (1, 2, 4, 8) if n <= torch.cuda.device_count()] if torch.cuda.is_available() else [1, 2]
 ONE_RANK: dict[int, float] = {}  # batch -> tok/s at N = 1, for the ratio
@@ -47,7 +48,9 @@ def decode(runner, batch: int) -> tuple[float, int, int]:
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("n", SIZES, ids=[f"tp{n}" for n in SIZES])
 def test_tensor_parallel_decode(benchmark, record, n, batch):
-    loader = mistralrs.NormalLoader(ARCHS[ARCH], model_id=MODEL)
+    loader = (mistralrs.QuantizedLoader(ARCHS[ARCH], model_id=None, is_gguf=True, quantized_model_id="",
+                                        quantized_filename=GGUF) if GGUF
+              else mistralrs.NormalLoader(ARCHS[ARCH], model_id=MODEL))
     with loader.load(token_source="none", tensor_parallel_size=n, kv_cache_tokens=4096) as runner:
         tp = runner.pipeline.model_runner.tp
         decode(runner, batch)  # warm-up: kernels built, tables sized
@@ -59,7 +62,7 @@ def test_tensor_parallel_decode(benchmark, record, n, batch):
     if n == 1:
         ONE_RANK[batch] = tok_s
     step = seconds / steps
-    record(model=MODEL, tensor_parallel_size=n, batch=batch, decode_tok_s=tok_s, step_ms=step * 1e3,
+    record(model=GGUF or MODEL, tensor_parallel_size=n, batch=batch, decode_tok_s=tok_s, step_ms=step * 1e3,
            comm_us_per_step=comm_s / steps * 1e6, comm_share=comm_s / seconds,
            collectives_per_step=calls / steps, weight_mib_per_rank=[round(b / 2**20, 2) for b in weights],
            **({"speedup_vs_tp1": tok_s / ONE_RANK[batch]} if batch in ONE_RANK and n > 1 else {}))
