@@ -38,6 +38,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, help="CPU threads of the engine (default: one per physical core)")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="split the model over N GPUs (or CPU processes); under torchrun, its world size")
     ap.add_argument("--truncate-sequence", action="store_true")
     ap.add_argument("--token-source", default="cache", choices=["cache", "literal", "envvar", "path", "none"])
     ap.add_argument("--token-source-value")
@@ -49,7 +51,8 @@ def load(a):
         token_source=a.token_source, token_source_value=a.token_source_value, max_seqs=a.max_seqs,
         truncate_sequence=a.truncate_sequence, dtype=DTYPES.get(a.dtype), device=a.device,
         kv_cache_tokens=a.kv_cache_tokens, block_size=a.block_size, threads=a.threads,
-        prefix_caching=not a.no_prefix_caching, max_batched_tokens=a.max_batched_tokens)
+        prefix_caching=not a.no_prefix_caching, max_batched_tokens=a.max_batched_tokens,
+        tensor_parallel_size=a.tensor_parallel_size)
 
 
 def parse_args(argv=None):
@@ -87,6 +90,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     t0 = time.perf_counter()
     runner = load(a)
+    if runner is None:  # torchrun's rank > 0: it served rank 0, which has closed
+        return
     print(f"loaded {a.gguf or a.model_id or 'the demo model'} in {time.perf_counter() - t0:.1f} s\n\n> {a.prompt}\n")
     request = mistralrs.ChatCompletionRequest([{"role": "user", "content": a.prompt}], "demo",
                                               max_tokens=a.max_tokens, temperature=a.temperature, stream=True,

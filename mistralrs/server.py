@@ -13,6 +13,7 @@ model loads, 500 only for bugs. Field mapping and what is ignored: server_fields
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 
@@ -214,4 +215,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = a.served_model_name or a.gguf or a.model_id or DEMO_MODEL.name
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: no HTTP, they serve rank 0's steps
+        load(a)
+        return
     serve(lambda: load(a), name, a.host, a.port, a.api_key, a.max_body_bytes)

@@ -196,3 +196,13 @@ def test_torchrun_launch(tiny_models, one_rank, tmp_path):
         messages=[{"role": "user", "content": "hello"}], model="m", max_tokens=8, temperature=0.0))
     assert f"rank 0: {json.loads(expected)['choices'][0]['message']['content']}\n" in done.stdout
     assert "rank 1 done" in done.stdout
+
+
+def test_cli_flag():
+    """python -m mistralrs --tensor-parallel-size 2 prints the tokens of one rank (greedy, the demo model)."""
+    def run(*flags):
+        done = subprocess.run([sys.executable, "-m", "mistralrs", "--max-tokens", "12", "--temperature", "0", *flags],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split("\n\n")[2]  # the completion, between the prompt and the timing line
+    assert run("--tensor-parallel-size", "2") == run()

@@ -12,6 +12,7 @@ connection closes) or before its next step (Workers.dead): the model then fails 
 import datetime
 import logging
 import os
+import signal
 import time
 
 import torch
@@ -144,7 +145,9 @@ def _connect(rank: int, world: int, store, device: torch.device, workers: Worker
 def _worker(rank: int, world: int, port: int, device: torch.device, threads: int, loader, shard_kwargs: dict,
             conn) -> None:
     """A spawned rank: join the group, load the shard, serve rank 0's steps. A failure before serving goes to rank 0
-    through conn; rank 0 leaving (its close, or its death) ends the loop."""
+    through conn; rank 0 leaving (its close, or its death) ends the loop. Ctrl-C is rank 0's to handle: a terminal
+    sends it to the whole process group, and a worker that died of it would fail the steps rank 0 still finishes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         conn.send(STARTED)
