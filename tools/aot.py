@@ -14,12 +14,12 @@ As a library:
         key = aot.specialization_key(launch)          # what Triton's JIT cache keys the compile on
         info = aot.compile_launch(launch, aot.TARGETS["sm90"])   # registers, spills, smem, SASS by class
 
-How: kernel_module() imports a private copy of mistralrs/kernels/<name>.py with TRITON_INTERPRET off, so its
-kernels are real JITFunctions even inside a test session that interprets. capture() swaps JITFunction.run for a
-recorder and makes the launchers see the target's SM count (their split heuristics read it) and compute capability
-(tile choices may depend on it). A recorded launch is
-bound and specialized by Triton's own binder (pointer alignment, ints equal to 1 or divisible by 16, unless the
-kernel marks them do_not_specialize), then triton.compile(ASTSource, GPUTarget("cuda", cap, 32)) runs
+How: kernel_module() imports a private copy of mistralrs/kernels/<name>.py (and of the helper files it imports)
+with TRITON_INTERPRET off, so its kernels are real JITFunctions even inside a test session that interprets.
+capture() swaps JITFunction.run for a recorder and makes the launchers see the target's SM count (their split
+heuristics read it) and compute capability (tile choices may depend on it). A recorded launch is bound and specialized
+by Triton's own binder (pointer alignment, ints equal to 1 or divisible by 16, unless the kernel marks them
+do_not_specialize), then triton.compile(ASTSource, GPUTarget("cuda", cap, 32)) runs
 TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas the Triton wheel ships. The cubin is read back with the wheel's
 cuobjdump: -res-usage for registers and local memory, -sass for the instructions.
 Timings, numerics and anything data-dependent still need a GPU.
@@ -32,6 +32,7 @@ import importlib.util
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import types
 from collections import Counter
@@ -43,7 +44,8 @@ import torch
 import triton
 
 KERNELS_DIR = Path(__file__).resolve().parent.parent / "mistralrs" / "kernels"
-KERNEL_MODULES = ("attention", "gguf", "xlora")  # the files under KERNELS_DIR with @triton.jit
+KERNEL_MODULES = ("attention", "gguf", "xlora")  # the files under KERNELS_DIR with kernels and launchers
+JIT_HELPER_MODULES = ("gguf_blocks",)  # files of @triton.jit helpers only, imported by those above
 
 
 @dataclass(frozen=True)
@@ -84,15 +86,30 @@ def tool(name: str) -> str:
 _MODULES: dict[str, types.ModuleType] = {}
 
 
+def _exec_private(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"mistralrs.kernels._aot_{name}", KERNELS_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def kernel_module(name: str) -> types.ModuleType:
-    """A private copy of mistralrs.kernels.<name> whose @triton.jit kernels are JITFunctions, interpreter or not."""
+    """A private copy of mistralrs.kernels.<name> whose @triton.jit kernels are JITFunctions, interpreter or not.
+    Its relative imports of JIT_HELPER_MODULES get private copies too: the session's own may be interpreted
+    functions (which do not compile), and the session must not get JITFunctions (which do not interpret)."""
     if name not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"mistralrs.kernels._aot_{name}", KERNELS_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
+        real = {h: sys.modules.get(f"mistralrs.kernels.{h}") for h in JIT_HELPER_MODULES}
         with triton.knobs.runtime.scope():
             triton.knobs.runtime.interpret = False
-            spec.loader.exec_module(module)
-        _MODULES[name] = module
+            try:
+                for h in JIT_HELPER_MODULES:
+                    sys.modules[f"mistralrs.kernels.{h}"] = _exec_private(h)
+                _MODULES[name] = _exec_private(name)
+            finally:
+                for h, module in real.items():
+                    sys.modules.pop(f"mistralrs.kernels.{h}", None)
+                    if module is not None:
+                        sys.modules[f"mistralrs.kernels.{h}"] = module
     return _MODULES[name]
 
 
