@@ -198,8 +198,9 @@ class TensorParallel:
             dist.all_gather(parts, t, group=self.cpu_group)
         return [int(p) for p in parts]
 
-    def send_step(self, lists: tuple[list[int], ...], all_logits: bool) -> torch.Tensor:
-        """Rank 0: broadcast a step's ints (model_runner.StepLists); returns them packed, as the ranks receive them."""
+    def send_step(self, lists: tuple[list[int], ...], all_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0: broadcast a step's ints (model_runner.STEP_LISTS) as (header [STEP, all_logits, each list's
+        length], payload: the lists back to back, int64); returns them as the other ranks receive them."""
         header = torch.tensor([STEP, all_logits, *map(len, lists)], dtype=torch.int64)
         payload = torch.frombuffer(array("q", [v for values in lists for v in values]), dtype=torch.int64)
         with self._collective():

@@ -84,8 +84,8 @@ class ModelRunner:
         sizes = header[2:].tolist()
         parts = {name: x.to(self.device, INT_TYPES[code])
                  for (name, code), x in zip(STEP_LISTS, payload.split(sizes))}
-        cu = payload[sum(sizes[:-1]):]
-        meta = AttentionMetadata(slot_mapping=parts["slots"], block_tables=parts["tables"].view(sizes[4], -1),
+        cu, B = payload[sum(sizes[:-1]):], sizes[4]  # the offsets, on the CPU; B: one context length a sequence
+        meta = AttentionMetadata(slot_mapping=parts["slots"], block_tables=parts["tables"].view(B, -1),
                                  context_lens=parts["context_lens"], cu_seqlens_q=parts["cu"],
                                  max_seqlen_q=int((cu[1:] - cu[:-1]).max()))
         return parts["ids"], parts["positions"], meta
