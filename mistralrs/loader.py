@@ -21,7 +21,7 @@ from .model_args import check_args, parameter_count, read_json
 from .models import gemma, llama, mistral, mixtral, phi2
 from .models.xlora import load_xlora
 from .requests import Limits, ModelKind, model_dtype
-from .tensor_parallel import Shard, TensorParallel, TensorParallelError, local_args
+from .tensor_parallel import Shard, TensorParallel, local_args
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192
@@ -131,8 +131,7 @@ class ArchLoader:
             loaded, model_runner = self.load_shard(device=tp.device if tp else device, tp=tp, **shard)
         except BaseException:
             if tp is not None:
-                tp.failed = tp.failed or TensorParallelError("rank 0 failed to load")
-                tp.close(0)
+                tp.abort("rank 0 failed to load")
             raise
         template, special = chat_template.resolve(o.chat_template, loaded.tok_cfg)
         pipeline = Pipeline(

@@ -67,14 +67,16 @@ class Shard:
     full_shapes: dict[str, tuple[int, ...]]
 
     @classmethod
-    def of(cls, build, args, tp: "TensorParallel | None") -> "Shard | None":
-        """The shard of rank tp.rank of the model build(args) makes (a model file's build); None without tp."""
+    def of(cls, build, args, tp: "TensorParallel | None", full_shapes: dict | None = None) -> "Shard | None":
+        """The shard of rank tp.rank of the model build(args) makes (a model file's build), whose parameter shapes
+        are full_shapes when the caller has them (else a meta-device build tells); None without tp."""
         if tp is None:
             return None
         check_divisible(args, tp.world)
-        with torch.device("meta"):
-            full = build(args)
-        return cls(tp.rank, tp.world, args, {k: tuple(v.shape) for k, v in full.state_dict().items()})
+        if full_shapes is None:
+            with torch.device("meta"):
+                full_shapes = {k: tuple(v.shape) for k, v in build(args).state_dict().items()}
+        return cls(tp.rank, tp.world, args, full_shapes)
 
     def part(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
         """(dim, start, stop, size) of the rank's slice of tensor `name` (of the full `shape`), size being the
@@ -103,11 +105,10 @@ class Shard:
         return None
 
     def tensor(self, name: str, full) -> torch.Tensor:
-        """The rank's slice of a full tensor: a torch.Tensor or a safetensors slice (read only where sliced)."""
-        shape = tuple(full.get_shape()) if hasattr(full, "get_shape") else tuple(full.shape)
-        p = self.part(name, shape)
+        """The rank's slice of a safetensors tensor, given as its get_slice() (read only where sliced)."""
+        p = self.part(name, tuple(full.get_shape()))
         if p is None:
-            return full[...] if hasattr(full, "get_shape") else full
+            return full[...]
         dim, start, stop, size = p
         index = (slice(start, stop),) if dim == 0 else (slice(None), slice(start, stop))
         t = full[index]
@@ -239,6 +240,11 @@ class TensorParallel:
             self.workers.join()
         if self.failed is None and self.owns_group:
             dist.destroy_process_group()
+
+    def abort(self, why: str) -> None:
+        """Rank 0 failed (to load, say): tear the group down, so that the other ranks leave what they wait in."""
+        self.failed = self.failed or TensorParallelError(why)
+        self.close(0)  # no STOP to size: a failed group sends none
 
     def check(self) -> None:
         """Rank 0, before a step: raise the failure seen earlier, or that of a worker that has exited."""

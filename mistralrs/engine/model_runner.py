@@ -72,10 +72,11 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Input ids, positions and attention metadata of the step metadata_lists describes."""
         ids, positions, slots, tables, lens, cu = self.metadata_lists(seqs, block_tables, lens)
+        longest = 1 if len(ids) == len(lens) else max(b - a for a, b in zip(cu, cu[1:]))  # T == B: one token each
         meta = AttentionMetadata(slot_mapping=self._ints(slots, "q"),
                                  block_tables=self._ints(tables, "i").view(len(lens), -1),
                                  context_lens=self._ints(lens, "i"), cu_seqlens_q=self._ints(cu, "i"),
-                                 max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:])))
+                                 max_seqlen_q=longest)
         return self._ints(ids, "q"), self._ints(positions, "q"), meta
 
     def unpack(self, header: torch.Tensor, payload: torch.Tensor

@@ -167,6 +167,5 @@ def serve(model_runner) -> None:
         model_runner.serve()
     except RuntimeError as e:  # rank 0 or another rank is gone: nothing left to serve
         log.error("tensor-parallel rank %d: %s; leaving", tp.rank, e)
-        tp.failed = e
     if tp.owns_group:
         dist.destroy_process_group()

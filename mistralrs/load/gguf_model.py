@@ -114,13 +114,16 @@ def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.d
         args = module.Args.from_gguf(md, set(tensors))
         check_args(args, "GGUF metadata")
         _check_args(args, tensors)
-        args.tie_word_embeddings = False  # lm_head always gets a tensor: token_embd's when the file has no output
-        shard = Shard.of(module.build, args, tp)
     except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:  # values of the wrong type
         raise ValueError(f"{path}: {e}") from None
+    args.tie_word_embeddings = False  # lm_head always gets a tensor here: token_embd's when the file has no output
     with torch.device("meta"):
         model = module.build(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        shard = Shard.of(module.build, args, tp, expected)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     try:
         raw = map_names(module.GGUF_NAMES, gfile, expected)
         raw.setdefault("lm_head.weight", raw.get("model.embed_tokens.weight"))
