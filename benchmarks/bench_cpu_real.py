@@ -123,8 +123,8 @@ def interleaved(engines: dict, repeats: int) -> dict[str, dict]:
 
 def set_threads(threads: int, runner=None) -> None:
     torch.set_num_threads(threads)
-    if runner is not None:  # the engine thread runs the model: set its pool too
-        runner.engine.call(lambda: torch.set_num_threads(threads))
+    if runner is not None:  # the engine thread runs the model: set its kernels' team (load's `threads` does that)
+        runner.engine.call(lambda: mistralrs.kernels.set_cpu_threads(threads))
 
 
 def copy_gbps(threads: int) -> float:

@@ -38,6 +38,21 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
 
 
+class CpuLinear(nn.Linear):
+    """An nn.Linear whose CPU float32 product runs on the CPU kernels' thread team (kernels.linear), with the same
+    parameters: swapped in for CPU float32 nn.Linears at load (cpu_matvec_layout)."""
+
+    @classmethod
+    def like(cls, linear: nn.Linear) -> "CpuLinear":
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class QuantEmbedding(nn.Module):
     """An Embedding kept in its GGUF block format: the rows of the looked-up tokens are dequantized to `dtype`."""
 
@@ -133,7 +148,7 @@ def _stack(projs: list[nn.Module]) -> nn.Module | None:
     if floats:
         w_t = torch.cat([p.weight.detach().t() for p in projs], dim=1)  # [K, N], contiguous
         with torch.device("meta"):
-            fused = nn.Linear(K, N, bias=bias is not None)
+            fused = CpuLinear(K, N, bias=bias is not None)
         fused.weight = nn.Parameter(w_t.t(), requires_grad=False)
         parts, attr = w_t.t(), "weight"
     else:
@@ -180,6 +195,7 @@ def cpu_matvec_layout(model: nn.Module) -> nn.Module:
 
     - projections of one input run as one product (fuse_projections; CPU only, where the engine's decode is
       bound by per-call overhead and the matmul's thread split);
+    - every CPU float32 nn.Linear becomes a CpuLinear (its product split over the kernels' thread team);
     - every other float32 Linear with out_features >= in_features stores its weight [K, N], seen as the usual
       [N, K] through a transposed view, so F.linear runs x @ W_t: MKL reads [K, N] fastest when N >= K (1.3-2.6x
       the [N, K] speed at the q/o, gate/up and lm_head shapes) and [N, K] when N < K (k/v, down).
@@ -197,4 +213,8 @@ def cpu_matvec_layout(model: nn.Module) -> nn.Module:
         for name, p in m._parameters.items():
             if p is not None and id(p) in moved:
                 m._parameters[name] = moved[id(p)]
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if _cpu_float32(child):
+                setattr(parent, name, CpuLinear.like(child))
     return model

@@ -12,6 +12,7 @@ import uuid
 
 import torch
 
+from . import kernels
 from .engine.block_manager import BlockManager
 from .engine.engine import END, STOP, Engine
 from .engine.grammar import GrammarCompiler
@@ -136,8 +137,12 @@ class Runner:
         log_response = self._log
         self.engine = Engine(pipeline, self.scheduler,
                              on_response=(lambda r: log_response("response", r)) if logfile is not None else None)
-        # torch's thread count belongs to the thread that sets it (and seeds threads started later).
-        self.engine.call(lambda: torch.set_num_threads(threads))
+        # CPU: the kernels' thread team gets the threads, and the engine thread's own torch ops run on it alone
+        # (kernels/threads_cpu.cpp says why). Elsewhere torch's count, which belongs to the thread that sets it.
+        if mr.device.type == "cpu":
+            self.engine.call(lambda: kernels.set_cpu_threads(threads))
+        else:
+            self.engine.call(lambda: torch.set_num_threads(threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):

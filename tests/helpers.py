@@ -186,10 +186,11 @@ def gguf_quantized(qtype, rows: int, K: int, rng: np.random.Generator) -> np.nda
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_python(code: str, *args: str, timeout: float = 120, memory_gb: float | None = 8):
+def run_python(code: str, *args: str, timeout: float = 120, memory_gb: float | None = 8, env: dict | None = None):
     """Run `code` in a fresh interpreter (the package, tests/ and tools/ importable; argv[1:] = args) under a
     wall-clock timeout and an address-space limit, so that a case that hangs, aborts or allocates without end fails
-    alone. Returns the CompletedProcess (stdout and stderr as text); a timeout raises subprocess.TimeoutExpired."""
+    alone; `env` adds to the environment. Returns the CompletedProcess (stdout and stderr as text); a timeout raises
+    subprocess.TimeoutExpired."""
     import resource
     import subprocess
     import sys
@@ -199,6 +200,7 @@ def run_python(code: str, *args: str, timeout: float = 120, memory_gb: float | N
             n = int(memory_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (n, n))
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")])}
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")])}
     return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=limit)

@@ -24,7 +24,9 @@ from mistralrs import (
     QuantizedLoader,
     XLoraLoader,
     XLoraQuantizedLoader,
+    kernels,
 )
+from mistralrs.kernels import cpu_ext
 from mistralrs.load import chat_template as chat_template_module
 
 from helpers import HF_ENV, checkpoint_files, commit_hash, make_fake_hub_repo
@@ -396,9 +398,12 @@ def test_threads_must_be_a_positive_int(llama, threads):
 
 
 def engine_threads(runner) -> int:
+    """The CPU kernels' threads as the engine thread sees them (its own torch ops run on it alone)."""
     seen = []
-    runner.engine.call(lambda: seen.append(torch.get_num_threads()))
-    return seen[0]
+    runner.engine.call(lambda: seen.append((kernels.cpu_threads(), torch.get_num_threads())))
+    kernel_threads, torch_threads = seen[0]
+    assert torch_threads == (1 if cpu_ext.ext is not None else kernel_threads)
+    return kernel_threads
 
 
 def test_threads_apply_to_the_engine_thread(llama):

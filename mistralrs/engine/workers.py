@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .. import kernels
 from ..tensor_parallel import TIMEOUT, TensorParallel
 
 log = logging.getLogger("mistralrs")
@@ -148,7 +149,10 @@ def _worker(rank: int, world: int, port: int, device: torch.device, threads: int
     through conn; rank 0 leaving (its close, or its death) ends the loop. Ctrl-C is rank 0's to handle: a terminal
     sends it to the whole process group, and a worker that died of it would fail the steps rank 0 still finishes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        kernels.set_cpu_threads(threads)
+    else:
+        torch.set_num_threads(threads)
     try:
         conn.send(STARTED)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))

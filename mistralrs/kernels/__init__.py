@@ -4,7 +4,7 @@ one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
     "auto"       Triton for CUDA tensors; for CPU tensors the CPU implementation where the op has one
-                 (attention_cpu.py, gguf_cpu.py, rowwise_cpu.py: C++ kernels built by cpu_ext.py, and SDPA), else
+                 (attention_cpu.py, gguf_cpu.py, linear_cpu.py, rowwise_cpu.py: C++ kernels built by cpu_ext.py, and SDPA), else
                  the torch reference (the default). rms_norm and rotary_embedding have no Triton kernel: on CUDA
                  the reference's torch ops (fused by torch there) run.
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
@@ -16,6 +16,8 @@ attribute of this package, which would replace a dispatch function of the same n
 import functools
 import importlib
 import os
+
+import torch
 
 from . import reference
 
@@ -78,6 +80,33 @@ def rotary_embedding(q, k, cos, sin):
     return reference.rotary_embedding(q, k, cos, sin)
 
 
+def linear(x, weight, bias=None):
+    """x [..., K] @ weight [N, K].T (+ bias): for CPU float32 tensors on the kernels' thread team (linear_cpu.py),
+    else torch's F.linear (on CUDA, cuBLAS)."""
+    if _cpu(x):
+        return _module("linear_cpu").linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Called on the thread that runs CPU forwards (the engine thread): the CPU kernels called from this thread
+    use `threads` threads of their team (one team per process), and torch's own ops on this thread run on it alone,
+    so that it never starts a libgomp pool of its own (kernels/threads_cpu.cpp says why). Without the compiled
+    kernels, torch's ops on this thread use `threads` instead."""
+    cpu_ext = _module("cpu_ext")
+    if cpu_ext.ext is None:
+        torch.set_num_threads(threads)
+    else:
+        cpu_ext.ext.set_threads(threads)
+        cpu_ext.ext.torch_ops_serial()
+
+
+def cpu_threads() -> int:
+    """The threads the CPU kernels use when called from this thread (set_cpu_threads)."""
+    cpu_ext = _module("cpu_ext")
+    return torch.get_num_threads() if cpu_ext.ext is None else cpu_ext.ext.threads()
+
+
 def gguf_matmul(x, qweight, qtype, N, K):
     """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]). Triton's fused dequant-matmul for
     CUDA tensors, the C++ kernel (int8 activations for M < 32, exact f32 dequant + at::mm above) for CPU tensors, of
@@ -101,5 +130,5 @@ def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
     return reference.xlora_mix(x, lora_a, lora_b, scalings, adapter_scale)
 
 
-__all__ = ["store_kv", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "gguf_matmul",
-           "xlora_mix", "BACKEND", "BACKENDS"]
+__all__ = ["store_kv", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "linear",
+           "gguf_matmul", "xlora_mix", "set_cpu_threads", "cpu_threads", "BACKEND", "BACKENDS"]

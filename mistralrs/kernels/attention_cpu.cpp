@@ -6,8 +6,9 @@
 // dispatch, the per-sequence gather of pages and the Python around it cost ~60 us a layer (SmolLM2's 30 layers: ~2 ms
 // of a 20 ms token). This reads the pages in place, all sequences and KV heads in one parallel loop.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "threads_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -75,7 +76,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   auto copy = [&](const at::Tensor& x, at::Tensor& cache) {
     const float* xp = x.data_ptr<float>();
     float* cp = cache.data_ptr<float>();
-    at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    parallel_for(T, 64, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
         for (int64_t h = 0; h < KVH; ++h)
           std::memcpy(cp + (sp[t] * KVH + h) * D, xp + t * x.stride(0) + h * x.stride(1), D * sizeof(float));
@@ -114,7 +115,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = float(scale), cap = float(softcap);
-  at::parallel_for(0, B * KVH, 1, [&](int64_t task0, int64_t task1) {
+  parallel_for(B * KVH, 1, [&](int64_t task0, int64_t task1) {
     std::vector<float> s;  // [G, L] scores, then probabilities
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t b = task / KVH, kvh = task % KVH, n = lens[b];

@@ -1,11 +1,14 @@
 // The Python bindings of the CPU kernels (one extension, built by kernels/cpu_ext.py); each is defined in its
-// family's file: gguf_cpu.cpp, attention_cpu.cpp, rowwise_cpu.cpp.
+// family's file: threads_cpu.cpp, gguf_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, rowwise_cpu.cpp.
 #include <torch/extension.h>
+
+#include "threads_cpu.h"
 
 namespace mistralrs_cpu {
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N, int64_t K,
                        int64_t gemm_tile);
 bool cpu_has_avx2();
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -19,6 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace mistralrs_cpu;
   m.def("gguf_matmul", &gguf_matmul, "y[M, N] = x[M, K] @ W.T, W as GGUF blocks; gemm_tile = 0 for gemv");
   m.def("cpu_has_avx2", &cpu_has_avx2);
+  m.def("linear", &linear, "y[M, N] = x[M, K] @ W[N, K].T (+ b), float32, columns split over the team");
+  m.def("set_threads", &set_threads, "threads of the kernels' team for calls from this thread; <= 0: its torch count");
+  m.def("threads", &threads, "threads of the kernels' team, as the calling thread would use it");
+  m.def("torch_ops_serial", &torch_ops_serial, "torch's own ops on the calling thread run on it alone");
   m.def("store_kv", &store_kv, "k_cache/v_cache[slots] = k, v (float32)");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence against its paged context; window <= 0: none, softcap <= 0: none");

@@ -1,15 +1,16 @@
-"""The compiled CPU kernels: one torch C++ extension made of gguf_cpu.cpp (GGUF matmul), attention_cpu.cpp (decode
-attention, KV writes) and rowwise_cpu.cpp (RMSNorm, rotary), with their bindings in cpu_ext.cpp. AVX2, FMA, F16C.
+"""The compiled CPU kernels: one torch C++ extension made of threads_cpu.cpp (their thread team), gguf_cpu.cpp (GGUF
+matmul), linear_cpu.cpp (float32 linear), attention_cpu.cpp (decode attention, KV writes) and rowwise_cpu.cpp
+(RMSNorm, rotary), with their bindings in cpu_ext.cpp. AVX2, FMA, F16C.
 
 Build: torch.utils.cpp_extension.load compiles it on first import (about a minute on 2 cores) into the torch
 extensions directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and reuses it after; tools/setup.sh
 builds it at install. On a CPU without AVX2, FMA and F16C nothing is built (and where the build fails, nothing is
 loaded): `ext` is None and UNAVAILABLE says why; the dispatch then warns once and uses the torch paths.
 
-Threads: the kernels split their work with at::parallel_for, so torch.set_num_threads applies. at::parallel_for is
-OpenMP inline in ATen's header: without -fopenmp it compiles to a serial loop (it did, until a 2-thread decode was
-found no faster than 1 thread); with it, the extension binds to the libgomp.so.1 torch has already loaded, so
-torch's thread pool and thread count are the ones used.
+Threads: the kernels split their work over threads_cpu.cpp's team (its header says why not OpenMP): one per process,
+of which a call uses kernels.set_cpu_threads(n) threads as set on the calling thread (the Runner sets load's
+`threads` on its engine thread), else the calling thread's torch.get_num_threads(). Its workers spin up to MISTRALRS_SPIN_US microseconds (default 1000) after a
+job, then sleep.
 """
 import logging
 import os
@@ -22,9 +23,11 @@ import torch
 
 log = logging.getLogger("mistralrs")
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("cpu_ext.cpp", "gguf_cpu.cpp", "attention_cpu.cpp", "rowwise_cpu.cpp")]
+SOURCES = [HERE / name for name in ("cpu_ext.cpp", "threads_cpu.cpp", "gguf_cpu.cpp", "linear_cpu.cpp",
+                                    "attention_cpu.cpp", "rowwise_cpu.cpp")]
 # -ffp-contract=off: no FMA where the source writes a product and a sum (the rotary equals the reference bit for bit)
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]  # libgomp (torch's, already loaded), for omp_set_num_threads
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 
 
 def _load():
@@ -40,7 +43,7 @@ def _load():
                                               "a first build takes about a minute, then it is cached..."])
     note.start()
     try:
-        ext = load("mistralrs_cpu", [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+        ext = load("mistralrs_cpu", [str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
     except Exception as e:  # no compiler, a broken toolchain: the torch paths still work, so say why and go on
         return None, f"the C++ build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]})"
     finally:

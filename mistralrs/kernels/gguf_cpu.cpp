@@ -12,23 +12,27 @@
 // Two paths, picked by the caller:
 //   gemv  (decode, few rows of x): x is rounded to int8 in blocks of 32 (scale amax / 127, llama.cpp's Q8_0
 //         activations), then each group is one integer dot product per row of x (maddubs + madd) and one FMA of
-//         its scale. Rows of W are split over threads (at::parallel_for); each row of W is decoded once per R rows
+//         its scale. Rows of W are split over threads (threads_cpu.h); each row of W is decoded once per R rows
 //         of x (R = 8, then 4, 2, 1; its bytes stay in L1 for the next R). Each row of y is computed the same way
 //         whatever M and the thread count: a sequence gets the same result alone or in a batch.
 //   gemm  (prefill, many rows of x): W dequantized `tile` rows at a time (the reference's weights exactly) into a
-//         float scratch that stays in L2, multiplied with at::mm.
+//         float scratch that stays in L2, multiplied with at::mm; the tiles are spread over the threads.
 // Why int8 activations: against an f32 variant (each group converted to floats and FMA'd against float x, exact up
 // to summation order), measured on a 2-core EPYC (Zen 2), 1 thread: 1.7-2.3x faster at M = 1 on one matrix in
 // cache, 1.4x on a whole SmolLM2-135M decode step (96 MB of weights streamed from DRAM), 1.5x at M = 16. The price is
 // x's rounding, ~0.5% of the output's scale; llama.cpp's CPU path pays the same.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "threads_cpu.h"
 
 #include <cstdint>
 #include <cstring>
 
 namespace {
+
+using mistralrs_cpu::parallel_for;
+using mistralrs_cpu::parallel_for_torch;
 
 enum GGMLType : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
@@ -314,7 +318,7 @@ void gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), rb = w.size(1);
   std::vector<XBlock> xq(M * (K / 32));
   const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+  parallel_for(M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, xq.data() + m * (K / 32));
   });
   auto dot = [&](auto rows, int64_t m, const uint8_t* wn, float* out) {
@@ -322,23 +326,25 @@ void gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
     for (int r = 0; r < rows; ++r) xr[r] = xq.data() + (m + r) * (K / 32);
     dot_q8<T, rows>(wn, xr, K, out);
   };
-  at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
+  parallel_for(N, kGrain, [&](int64_t n0, int64_t n1) {
     gemv_rows<8>(dot, w.data_ptr<uint8_t>(), rb, y.data_ptr<float>(), M, N, n0, n1);
   });
 }
 
-// Many rows of x: W in tiles of `tile` rows (dequantized in parallel to a float scratch), each multiplied by at::mm.
+// Many rows of x: W in tiles of `tile` rows, spread over the team; each thread dequantizes a tile into its own
+// float scratch (it stays in L2) and multiplies it with at::mm, which runs serially on the team's threads.
 template <class T>
 void gemm(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t tile) {
   const int64_t K = x.size(1), N = y.size(1), rb = w.size(1);
-  at::Tensor scratch = at::empty({std::min(tile, N), K}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  for (int64_t n0 = 0; n0 < N; n0 += tile) {
-    const int64_t n1 = std::min(N, n0 + tile);
-    float* s = scratch.data_ptr<float>();
-    at::parallel_for(n0, n1, 1, [&](int64_t a, int64_t b) { dequant_rows<T>(wp, rb, K, a, b, s + (a - n0) * K); });
-    y.narrow(1, n0, n1 - n0).copy_(at::mm(x, scratch.narrow(0, 0, n1 - n0).t()));
-  }
+  parallel_for_torch((N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor scratch = at::empty({std::min(tile, N), K}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, n1 = std::min(N, n0 + tile);
+      dequant_rows<T>(wp, rb, K, n0, n1, scratch.data_ptr<float>());
+      y.narrow(1, n0, n1 - n0).copy_(at::mm(x, scratch.narrow(0, 0, n1 - n0).t()));
+    }
+  });
 }
 
 template <class T>

@@ -91,6 +91,11 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias). Bytes: weight once (N K x 4 for float32); FLOPs 2 M N K."""
+    return F.linear(x, weight, bias)
+
+
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]): dequantize, then matmul."""
     from .dequant import dequantize

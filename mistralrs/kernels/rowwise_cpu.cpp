@@ -4,8 +4,9 @@
 // Why: on a 576-wide SmolLM2 row torch's CPU rms_norm takes ~20 us (it runs as five ops) and the rotate-half rotary
 // four ops per tensor; a decode token runs 61 norms and 60 rotaries, ~3 ms of a 20 ms token. Here each is one pass.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "threads_cpu.h"
 
 #include <cmath>
 
@@ -22,7 +23,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool u
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const __m256 one = _mm256_set1_ps(unit_offset ? 1.f : 0.f);
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  parallel_for(T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* xr = xp + t * x.stride(0);
       float* yr = yp + t * C;
@@ -60,7 +61,7 @@ void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
                 "rowwise_cpu.rotary: cos and sin must be float32 [T, r] (r even, <= head dim) with contiguous rows");
   float* xp = x.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+  parallel_for(T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float *c = cp + t * cos.stride(0), *s = sp + t * sin.stride(0);
       for (int64_t h = 0; h < H; ++h) {
