@@ -261,6 +261,7 @@ class CausalLM(nn.Module):
     holds a slice of the vocabulary rows of embed_tokens and lm_head (tensor_parallel.py), and `vocab_size` is the
     whole vocabulary's."""
     tp = None
+    decode_layers = None  # CPU: per block, its decode step as one C++ call or None (cpu_decode.attach)
 
     def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
                  embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False,
@@ -288,10 +289,12 @@ class CausalLM(nn.Module):
             # Gemma rounds the scale to the activation dtype before multiplying, so we do too.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         tables = {}  # cos, sin of each distinct rotary, once per step
-        for layer, rotary, kv in zip(self.model.layers, self.layer_rotaries, kv_caches):
+        # CPU decode: a block as one C++ call where cpu_decode.py made one for it (the same ops, bit for bit)
+        fused = self.decode_layers if self.decode_layers is not None and meta.is_decode else None
+        for i, (layer, rotary, kv) in enumerate(zip(self.model.layers, self.layer_rotaries, kv_caches)):
             if rotary not in tables:
                 tables[rotary] = rotary.cos_sin(positions, x.dtype)
-            x = layer(x, *tables[rotary], meta, kv)
+            x = (fused and fused[i] or layer)(x, *tables[rotary], meta, kv)
         return self.model.norm(x)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

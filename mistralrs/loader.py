@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import tensor_parallel
+from . import cpu_decode, tensor_parallel
 from .engine import workers
 from .engine.model_runner import ModelRunner
 from .engine.pipeline import Pipeline
@@ -166,7 +166,7 @@ class ArchLoader:
         args = loaded.args
         if tp is not None:
             model, args = tensor_parallel.attach(model, tp, args.vocab_size), local_args(args, tp.world)
-        model = cpu_matvec_layout(model)
+        model = cpu_decode.attach(cpu_matvec_layout(model))
         blocks = kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets, tp)
         model_runner = ModelRunner(model, blocks, device, o.no_kv_cache, tp)
         weights = resident_bytes(model)

@@ -1,5 +1,5 @@
 // The Python bindings of the CPU kernels (one extension, built by kernels/cpu_ext.py); each is defined in its
-// family's file: threads_cpu.cpp, gguf_cpu.cpp, linear_cpu.cpp, attention_cpu.cpp, rowwise_cpu.cpp.
+// family's file: threads_cpu.cpp, gguf_cpu.cpp, linear_cpu.cpp, decoder_cpu.cpp, attention_cpu.cpp, rowwise_cpu.cpp.
 #include <torch/extension.h>
 
 #include "threads_cpu.h"
@@ -16,6 +16,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   int64_t window, double softcap);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void bind_decoder(py::module& m);
 }  // namespace mistralrs_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,5 +31,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence against its paged context; window <= 0: none, softcap <= 0: none");
   m.def("rms_norm", &rms_norm, "x / rms(x) * (w or 1 + w), per row (float32)");
+  bind_decoder(m);  // Proj, DecoderLayer
   m.def("rotary_", &rotary_, "rotate-half rotary on the first cos.size(1) dims of each head, in place (float32)");
 }

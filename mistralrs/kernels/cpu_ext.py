@@ -1,6 +1,7 @@
 """The compiled CPU kernels: one torch C++ extension made of threads_cpu.cpp (their thread team), gguf_cpu.cpp (GGUF
 matmul), linear_cpu.cpp (float32 linear), attention_cpu.cpp (decode attention, KV writes) and rowwise_cpu.cpp
-(RMSNorm, rotary), with their bindings in cpu_ext.cpp. AVX2, FMA, F16C.
+(RMSNorm, rotary) and decoder_cpu.cpp (a decoder layer's decode step in one call), with their bindings in
+cpu_ext.cpp. AVX2, FMA, F16C.
 
 Build: torch.utils.cpp_extension.load compiles it on first import (about a minute on 2 cores) into the torch
 extensions directory ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and reuses it after; tools/setup.sh
@@ -24,7 +25,7 @@ import torch
 log = logging.getLogger("mistralrs")
 HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("cpu_ext.cpp", "threads_cpu.cpp", "gguf_cpu.cpp", "linear_cpu.cpp",
-                                    "attention_cpu.cpp", "rowwise_cpu.cpp")]
+                                    "attention_cpu.cpp", "rowwise_cpu.cpp", "decoder_cpu.cpp")]
 # -ffp-contract=off: no FMA where the source writes a product and a sum (the rotary equals the reference bit for bit)
 LDFLAGS = ["-fopenmp"]  # libgomp (torch's, already loaded), for omp_set_num_threads
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
