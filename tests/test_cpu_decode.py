@@ -2,12 +2,12 @@
 logits bit for bit, for every architecture that gets one; the others keep their modules."""
 import pytest
 import torch
+from test_cpu_threads import engine_logits
 
 import mistralrs
 from mistralrs.kernels import cpu_ext
 
 from helpers import ARCHS, load
-from test_cpu_threads import engine_logits
 
 pytestmark = pytest.mark.skipif(cpu_ext.UNAVAILABLE is not None, reason=f"{cpu_ext.UNAVAILABLE}")
 FUSED = ["llama", "mistral", "gemma", "gemma2", "gemma3"]
@@ -55,8 +55,9 @@ def test_blocks_without_a_fused_decode_keep_their_modules(tiny_models, arch):
 
 def batch_logits(runner, B: int, steps: int = 3) -> torch.Tensor:
     """[steps, B, V]: B sequences of different lengths decoded together after their prefill."""
-    from helpers import Driver
     from mistralrs.engine.model_runner import SeqState
+
+    from helpers import Driver
     out = []
 
     def run():
