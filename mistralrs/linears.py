@@ -136,8 +136,7 @@ def _stack(projs: list[nn.Module]) -> nn.Module | None:
     """One module computing all of projs' outputs side by side, each proj's tensors made views of its tensors; None
     where they cannot be stacked (other kinds, dtypes or quantization types, X-LoRA wrappers, mixed biases).
 
-    - CPU float32 nn.Linears: their weights become the column blocks of one contiguous [K, N1 + N2 + ...] tensor,
-      the layout MKL's matrix-vector product reads fastest for wide outputs (see cpu_matvec_layout);
+    - CPU float32 nn.Linears: their weights become the row blocks of one contiguous [N1 + N2 + ..., K] tensor;
     - QuantLinears of one GGML type: their rows of blocks stacked, [N1 + N2 + ..., row_bytes] (rows are independent)."""
     floats = all(_cpu_float32(p) for p in projs)
     quants = all(type(p) is QuantLinear for p in projs) and len({p.qtype for p in projs}) == 1
@@ -146,11 +145,11 @@ def _stack(projs: list[nn.Module]) -> nn.Module | None:
     K, N = projs[0].in_features, sum(p.out_features for p in projs)
     bias = torch.cat([p.bias.detach() for p in projs]) if projs[0].bias is not None else None
     if floats:
-        w_t = torch.cat([p.weight.detach().t() for p in projs], dim=1)  # [K, N], contiguous
+        w = torch.cat([p.weight.detach() for p in projs])  # [N, K]
         with torch.device("meta"):
             fused = CpuLinear(K, N, bias=bias is not None)
-        fused.weight = nn.Parameter(w_t.t(), requires_grad=False)
-        parts, attr = w_t.t(), "weight"
+        fused.weight = nn.Parameter(w, requires_grad=False)
+        parts, attr = w, "weight"
     else:
         with torch.device("meta"):
             fused = QuantLinear(K, N, projs[0].qtype, bias is not None)
@@ -191,28 +190,18 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
 
 def cpu_matvec_layout(model: nn.Module) -> nn.Module:
-    """Lay the weights of CPU models out for the matrix-vector product of batch-1 decode, decided once at load:
+    """Lay CPU models out for the matrix-vector products of batch-1 decode, decided once at load:
 
     - projections of one input run as one product (fuse_projections; CPU only, where the engine's decode is
       bound by per-call overhead and the matmul's thread split);
-    - every CPU float32 nn.Linear becomes a CpuLinear (its product split over the kernels' thread team);
-    - every other float32 Linear with out_features >= in_features stores its weight [K, N], seen as the usual
-      [N, K] through a transposed view, so F.linear runs x @ W_t: MKL reads [K, N] fastest when N >= K (1.3-2.6x
-      the [N, K] speed at the q/o, gate/up and lm_head shapes) and [N, K] when N < K (k/v, down).
-    Values, shapes and ties are unchanged: a weight shared by several modules (lm_head and embed_tokens) stays one
-    tensor, so the embedding reads its rows strided."""
+    - every CPU float32 nn.Linear becomes a CpuLinear: its product runs on the kernels' thread team, decode rows
+      by linear_cpu.cpp's gemv, which streams each [N, K] row once (MKL's sgemv read a [K, N] copy 1.3-2.6x faster
+      than [N, K], but chunked over threads either layout was slower than the gemv: SmolLM2 F32, 2 threads, 28 and
+      32 tok/s against 39).
+    Values, shapes and ties are unchanged."""
     if not any(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
         return model
     fuse_projections(model)
-    moved: dict[int, nn.Parameter] = {}
-    for m in model.modules():
-        if (_cpu_float32(m) and m.weight.is_contiguous() and m.out_features >= m.in_features
-                and id(m.weight) not in moved):
-            moved[id(m.weight)] = nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
-    for m in model.modules():
-        for name, p in m._parameters.items():
-            if p is not None and id(p) in moved:
-                m._parameters[name] = moved[id(p)]
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if _cpu_float32(child):
