@@ -289,8 +289,10 @@ class CausalLM(nn.Module):
             # Gemma rounds the scale to the activation dtype before multiplying, so we do too.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         tables = {}  # cos, sin of each distinct rotary, once per step
-        # CPU decode: a block as one C++ call where cpu_decode.py made one for it (the same ops, bit for bit)
-        fused = self.decode_layers if self.decode_layers is not None and meta.is_decode else None
+        # CPU decode: a block as one C++ call where cpu_decode.py made one for it (the same ops, bit for bit, as the
+        # "auto" kernels; another kernels.BACKEND runs the modules)
+        fused = (self.decode_layers if self.decode_layers is not None and meta.is_decode and kernels.BACKEND == "auto"
+                 else None)
         for i, (layer, rotary, kv) in enumerate(zip(self.model.layers, self.layer_rotaries, kv_caches)):
             if rotary not in tables:
                 tables[rotary] = rotary.cos_sin(positions, x.dtype)

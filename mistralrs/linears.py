@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .kernels.dequant import dequantize, row_bytes
+from .kernels.dequant import row_bytes
 from .layers import Attention, Fused, GatedMLP
 
 
@@ -68,9 +68,8 @@ class QuantEmbedding(nn.Module):
             return cls(embedding.num_embeddings, embedding.embedding_dim, qtype, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[ids.reshape(-1)]  # [T, row_bytes]
-        x = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.dtype)
-        return x.view(*ids.shape, self.embedding_dim)
+        x = kernels.gguf_rows(self.qweight, self.qtype, self.embedding_dim, ids.reshape(-1))  # [T, K] float32
+        return x.to(self.dtype).view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"

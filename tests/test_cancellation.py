@@ -110,19 +110,31 @@ def test_runner_abort_ends_a_waiting_caller(runner):
     wait_idle(runner)
 
 
+def hold_engine(runner, seconds: float) -> threading.Thread:
+    """Keep the engine thread busy for `seconds`, as a long step would: the tiny model decodes LONG tokens in well
+    under the timeouts below, so a test that needs a request still in flight when its time is up holds the engine."""
+    t = threading.Thread(target=runner.engine.call, args=(lambda: time.sleep(seconds),))
+    t.start()
+    return t
+
+
 def test_a_timeout_aborts_and_raises_in_the_caller(runner):
     t0 = time.monotonic()
+    held = hold_engine(runner, 0.5)
     with pytest.raises(TimeoutError):
         runner.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=LONG, timeout=0.1))
     assert time.monotonic() - t0 < 2
+    held.join()
     wait_idle(runner, timeout=5)
     s = long_stream(runner, timeout=0.3)
     with pytest.raises(TimeoutError):
         for _ in s:
             time.sleep(0.05)  # a slow reader
     wait_idle(runner, timeout=5)
+    held = hold_engine(runner, 0.4)
     unread = long_stream(runner, timeout=0.2)  # never read: the engine expires it by itself
-    time.sleep(0.3)
+    held.join()
+    time.sleep(0.1)
     wait_idle(runner, timeout=5)
     with pytest.raises(TimeoutError):
         list(unread)

@@ -280,3 +280,18 @@ def test_tied_head_is_the_embedding_bytes(tiny_models, tmp_path):
     head, embed = model.lm_head, model.model.embed_tokens
     assert isinstance(head, QuantLinear) and isinstance(embed, QuantEmbedding) and head.qtype == Q.Q8_0
     assert head.qweight.data_ptr() == embed.qweight.data_ptr()
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("qtype", CPU_QTYPES, ids=lambda t: t.name)
+def test_gguf_rows_equal_the_dequantizer(qtype):
+    """The embedding lookup: rows of W dequantized by the C++ kernel equal gguf's own dequantizer's bit for bit
+    (through kernels/dequant.py, itself checked against gguf in test_dequant.py)."""
+    N, K = 37, blocks_k(qtype, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 3)
+    w = cpu_weight(qtype, N, K)
+    ids = torch.tensor([0, 36, 5, 5, 17])
+    out = kernels.gguf_rows(w, qtype, K, ids)
+    assert torch.equal(out, dequantize(w, qtype, (N, K))[ids])
+    assert torch.equal(out, reference.gguf_rows(w, qtype, K, ids))
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.gguf_rows(w, qtype, K, torch.tensor([N]))

@@ -2,6 +2,7 @@
 
     python tools/profile_engine.py                                   # the built-in demo model
     python tools/profile_engine.py --model-id mistralai/Mistral-7B-Instruct-v0.2 --arch mistral --requests 16
+    python tools/profile_engine.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --requests 1 --threads 2
     python tools/profile_engine.py --trace /tmp/trace.json           # open in chrome://tracing or ui.perfetto.dev
 
 Phases are the engine's record_function ranges: mistralrs.schedule, .forward, .sample, .detokenize. The ops are
@@ -29,7 +30,7 @@ ATTENTION_OPS = {"aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::einsum"}
 
 def kind(op: str) -> str:
     name = op.lower()
-    if op in MATMUL_OPS or re.search(r"gemm|gemv|matmul|quant_matmul", name):
+    if op in MATMUL_OPS or re.search(r"gemm|gemv|matmul|quant_matmul|::linear", name):
         return "matmul"
     return "attention" if op in ATTENTION_OPS or "attention" in name or "flash" in name else "glue"
 
@@ -57,11 +58,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-seqs", type=int, default=16)
+    ap.add_argument("--gguf", type=Path, help="a GGUF file to profile instead of --model-id (QuantizedLoader)")
+    ap.add_argument("--threads", type=int, help="the engine's CPU threads (default: one per physical core)")
     ap.add_argument("--trace", type=Path, default=Path("mistralrs-trace.json"))
     ap.add_argument("--rows", type=int, default=15)
     a = ap.parse_args()
 
-    runner = mistralrs.NormalLoader(ARCHS[a.arch], model_id=a.model_id).load(max_seqs=a.max_seqs)
+    loader = (mistralrs.QuantizedLoader(ARCHS[a.arch], model_id=None, is_gguf=True, quantized_model_id="",
+                                        quantized_filename=str(a.gguf)) if a.gguf
+              else mistralrs.NormalLoader(ARCHS[a.arch], model_id=a.model_id))
+    runner = loader.load(max_seqs=a.max_seqs, threads=a.threads)
     serve(runner, 1, 4)  # warm up: first-call allocations and, on GPU, Triton compilation
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

@@ -122,6 +122,16 @@ def gguf_matmul(x, qweight, qtype, N, K):
     return reference.gguf_matmul(x, qweight, qtype, N, K)
 
 
+def gguf_rows(qweight, qtype, K, ids):
+    """Rows ids [T] of W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]) as float32 [T, K]: an
+    embedding lookup. The C++ kernel for CPU tensors of the types it supports, else the reference."""
+    if _cpu(qweight):
+        gguf_cpu = _module("gguf_cpu")
+        if gguf_cpu.UNAVAILABLE is None and qtype in gguf_cpu.SUPPORTED:
+            return gguf_cpu.gguf_rows(qweight, qtype, K, ids)
+    return reference.gguf_rows(qweight, qtype, K, ids)
+
+
 def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
     """X-LoRA delta of one linear, to add to its base output: sum_a scalings[:, a] * adapter_scale[a] *
     (x @ lora_a[a].T @ lora_b[a].T)."""
@@ -131,4 +141,4 @@ def xlora_mix(x, lora_a, lora_b, scalings, adapter_scale):
 
 
 __all__ = ["store_kv", "paged_attention", "paged_decode_attention", "rms_norm", "rotary_embedding", "linear",
-           "gguf_matmul", "xlora_mix", "set_cpu_threads", "cpu_threads", "BACKEND", "BACKENDS"]
+           "gguf_matmul", "gguf_rows", "xlora_mix", "set_cpu_threads", "cpu_threads", "BACKEND", "BACKENDS"]

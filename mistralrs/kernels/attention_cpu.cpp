@@ -6,6 +6,7 @@
 // dispatch, the per-sequence gather of pages and the Python around it cost ~60 us a layer (SmolLM2's 30 layers: ~2 ms
 // of a 20 ms token). This reads the pages in place, all sequences and KV heads in one parallel loop.
 #include <torch/extension.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 
 #include "threads_cpu.h"
@@ -61,6 +62,7 @@ void check_cache(const at::Tensor& c, const char* name) {
 // k_cache/v_cache slots[t] <- k[t], v[t] ([T, KVH, D], any strides with a contiguous last dim).
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots) {
+  RECORD_FUNCTION("mistralrs::store_kv", {});
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
   const int64_t T = k.size(0), KVH = k_cache.size(2), D = k_cache.size(3), S = k_cache.size(0) * k_cache.size(1);
@@ -92,6 +94,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t window, double softcap) {
+  RECORD_FUNCTION("mistralrs::paged_decode_attention", {});
   check_cache(k_cache, "k_cache");
   check_cache(v_cache, "v_cache");
   const int64_t B = q.size(0), H = q.size(1), BS = k_cache.size(1), KVH = k_cache.size(2), D = k_cache.size(3);

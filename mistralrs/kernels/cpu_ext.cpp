@@ -7,6 +7,7 @@
 namespace mistralrs_cpu {
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N, int64_t K,
                        int64_t gemm_tile);
+at::Tensor gguf_rows(const at::Tensor& w, int64_t qtype, int64_t K, const at::Tensor& ids);
 bool cpu_has_avx2();
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -22,6 +23,7 @@ void bind_decoder(py::module& m);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace mistralrs_cpu;
   m.def("gguf_matmul", &gguf_matmul, "y[M, N] = x[M, K] @ W.T, W as GGUF blocks; gemm_tile = 0 for gemv");
+  m.def("gguf_rows", &gguf_rows, "rows ids of W [N, K] (GGUF blocks) as float32 [T, K]: an embedding lookup");
   m.def("cpu_has_avx2", &cpu_has_avx2);
   m.def("linear", &linear, "y[M, N] = x[M, K] @ W[N, K].T (+ b), float32, columns split over the team");
   m.def("set_threads", &set_threads, "threads of the kernels' team for calls from this thread; <= 0: its torch count");

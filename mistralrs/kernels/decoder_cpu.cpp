@@ -9,6 +9,7 @@
 // 10.3 ms at 2, i.e. ~6 ms of it did not get faster with a second thread. Here a layer costs one call from Python;
 // the kernels inside still split their work over the thread team (threads_cpu.h).
 #include <torch/extension.h>
+#include <ATen/record_function.h>
 
 namespace mistralrs_cpu {
 
@@ -65,6 +66,7 @@ struct DecoderLayer {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& tables,
                      const at::Tensor& lens) const {
+    RECORD_FUNCTION("mistralrs::decoder_layer", {});
     const int64_t B = x.size(0);
     const at::Tensor h = norm(x, in_norm, eps, unit_offset);
     at::Tensor q, k, v;

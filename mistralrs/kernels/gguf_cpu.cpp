@@ -22,6 +22,7 @@
 // cache, 1.4x on a whole SmolLM2-135M decode step (96 MB of weights streamed from DRAM), 1.5x at M = 16. The price is
 // x's rounding, ~0.5% of the output's scale; llama.cpp's CPU path pays the same.
 #include <torch/extension.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 
 #include "threads_cpu.h"
@@ -357,6 +358,31 @@ void run(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, int64_t gemm_t
 
 namespace mistralrs_cpu {
 
+// Calls f(Tag<T>()) with T the block type of qtype, once w's rows are checked to hold K weights of it.
+template <class T> struct Tag { using type = T; };
+
+template <class F>
+void with_type(int64_t qtype, int64_t K, const at::Tensor& w, F&& f) {
+  auto go = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    TORCH_CHECK(K % T::kQK == 0 && w.size(1) == K / T::kQK * T::kBytes, "gguf_cpu: GGML type ", qtype,
+                " rows need K % ", T::kQK, " == 0 and K / ", T::kQK, " * ", T::kBytes, " bytes; got K = ", K,
+                " and ", w.size(1), " bytes");
+    f(tag);
+  };
+  switch (qtype) {
+    case Q4_0: go(Tag<TQ4_0>()); break;
+    case Q4_1: go(Tag<TQ4_1>()); break;
+    case Q5_0: go(Tag<TQ5_0>()); break;
+    case Q5_1: go(Tag<TQ5_1>()); break;
+    case Q8_0: go(Tag<TQ8_0>()); break;
+    case Q4_K: go(Tag<TQ4_K>()); break;
+    case Q5_K: go(Tag<TQ5_K>()); break;
+    case Q6_K: go(Tag<TQ6_K>()); break;
+    default: TORCH_CHECK(false, "gguf_cpu: no kernel for GGML type ", qtype);
+  }
+}
+
 // gemm_tile = 0: the gemv path; > 0: the gemm path with tiles of that many rows of W.
 at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, int64_t N, int64_t K,
                        int64_t gemm_tile) {
@@ -365,24 +391,31 @@ at::Tensor gguf_matmul(const at::Tensor& x, const at::Tensor& w, int64_t qtype, 
   TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
               "gguf_cpu: qweight must be a contiguous CPU uint8 [", N, ", row_bytes] tensor");
   TORCH_CHECK(gemm_tile >= 0, "gguf_cpu: gemm_tile must be >= 0, got ", gemm_tile);
+  RECORD_FUNCTION(gemm_tile > 0 ? "mistralrs::gguf_matmul(gemm)" : "mistralrs::gguf_matmul(gemv)", {});
   at::Tensor y = at::empty({x.size(0), N}, x.options());
   if (y.numel() == 0) return y;
-  auto check = [&](int qk, int bytes) {
-    TORCH_CHECK(K % qk == 0 && w.size(1) == K / qk * bytes, "gguf_cpu: GGML type ", qtype, " rows need K % ", qk,
-                " == 0 and K / ", qk, " * ", bytes, " bytes; got K = ", K, " and ", w.size(1), " bytes");
-  };
-  switch (qtype) {
-    case Q4_0: check(32, 18); run<TQ4_0>(x, w, y, gemm_tile); break;
-    case Q4_1: check(32, 20); run<TQ4_1>(x, w, y, gemm_tile); break;
-    case Q5_0: check(32, 22); run<TQ5_0>(x, w, y, gemm_tile); break;
-    case Q5_1: check(32, 24); run<TQ5_1>(x, w, y, gemm_tile); break;
-    case Q8_0: check(32, 34); run<TQ8_0>(x, w, y, gemm_tile); break;
-    case Q4_K: check(256, 144); run<TQ4_K>(x, w, y, gemm_tile); break;
-    case Q5_K: check(256, 176); run<TQ5_K>(x, w, y, gemm_tile); break;
-    case Q6_K: check(256, 210); run<TQ6_K>(x, w, y, gemm_tile); break;
-    default: TORCH_CHECK(false, "gguf_cpu: no kernel for GGML type ", qtype);
-  }
+  with_type(qtype, K, w, [&](auto tag) { run<typename decltype(tag)::type>(x, w, y, gemm_tile); });
   return y;
+}
+
+// Rows ids of W [N, K] as float32 [T, K]: an embedding lookup (the reference's dequantized values exactly).
+at::Tensor gguf_rows(const at::Tensor& w, int64_t qtype, int64_t K, const at::Tensor& ids) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() && w.is_cpu(),
+              "gguf_cpu.gguf_rows: qweight must be a contiguous CPU uint8 [N, row_bytes] tensor");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "gguf_cpu.gguf_rows: ids must be a contiguous int64 [T] tensor");
+  RECORD_FUNCTION("mistralrs::gguf_rows", {});
+  const int64_t T = ids.size(0), N = w.size(0), rb = w.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(ip[t] >= 0 && ip[t] < N, "gguf_cpu.gguf_rows: id ", ip[t], " outside [0, ", N, ")");
+  at::Tensor out = at::empty({T, K}, w.options().dtype(at::kFloat));
+  with_type(qtype, K, w, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    for (int64_t t = 0; t < T; ++t)
+      dequant_rows<T_>(w.data_ptr<uint8_t>(), rb, K, ip[t], ip[t] + 1, out.data_ptr<float>() + t * K);
+  });
+  return out;
 }
 
 bool cpu_has_avx2() {

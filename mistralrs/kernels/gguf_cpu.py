@@ -41,3 +41,9 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: GGMLQuantizationT
     x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
     y = ext.gguf_matmul(x32, qweight, int(qtype), N, K, tile)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+def gguf_rows(qweight: torch.Tensor, qtype: GGMLQuantizationType, K: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids [T] of W (qweight uint8 [N, row_bytes]) as float32 [T, K]: the reference's values exactly."""
+    assert ext is not None, f"gguf_cpu is unavailable: {UNAVAILABLE}"
+    return ext.gguf_rows(qweight, int(qtype), K, ids.contiguous())

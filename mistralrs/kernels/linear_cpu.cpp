@@ -9,6 +9,7 @@
 //         team thread (MKL's sgemm).
 // Each element of y is computed by one thread in a fixed order, so the result does not depend on the thread count.
 #include <torch/extension.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 
 #include "threads_cpu.h"
@@ -85,6 +86,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   const int64_t M = x.size(0), N = w.size(0);
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat),
               "linear_cpu: bias must be float32 [", N, "]");
+  RECORD_FUNCTION("mistralrs::linear", {});
   at::Tensor y = at::empty({M, N}, x.options());
   if (y.numel() == 0) return y;
   if (M < kGemvMaxRows && w.stride(1) == 1 && x.stride(1) == 1) {

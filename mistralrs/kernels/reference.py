@@ -96,6 +96,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def gguf_rows(qweight: torch.Tensor, qtype, K: int, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids [T] of W [N, K] stored as GGUF blocks, dequantized to float32 [T, K] (an embedding lookup)."""
+    from .dequant import dequantize
+    rows = qweight[ids]  # [T, row_bytes]
+    return dequantize(rows, qtype, (rows.shape[0], K))
+
+
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype, N: int, K: int) -> torch.Tensor:
     """x [M, K] @ W.T, W [N, K] stored as GGUF blocks (qweight uint8 [N, row_bytes]): dequantize, then matmul."""
     from .dequant import dequantize

@@ -4,6 +4,7 @@
 // Why: on a 576-wide SmolLM2 row torch's CPU rms_norm takes ~20 us (it runs as five ops) and the rotate-half rotary
 // four ops per tensor; a decode token runs 61 norms and 60 rotaries, ~3 ms of a 20 ms token. Here each is one pass.
 #include <torch/extension.h>
+#include <ATen/record_function.h>
 #include <immintrin.h>
 
 #include "threads_cpu.h"
@@ -14,6 +15,7 @@ namespace mistralrs_cpu {
 
 // y = x / sqrt(mean(x^2) + eps) * (w, or 1 + w with unit_offset), per row of x [T, C] (rows may be strided).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset) {
+  RECORD_FUNCTION("mistralrs::rms_norm", {});
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat && x.is_cpu(),
               "rowwise_cpu.rms_norm: x must be a CPU float32 [T, C] tensor with contiguous rows");
   const int64_t T = x.size(0), C = x.size(1);
@@ -52,6 +54,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool u
 // x[:r] <- x[:r] * cos + roll(x[:r], r / 2) * sin, with sin signed for rotate-half (layers.Rotary's table: -sin on
 // the first half). cos, sin [T, r], rows may be strided.
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  RECORD_FUNCTION("mistralrs::rotary_embedding", {});
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.scalar_type() == at::kFloat && x.is_cpu(),
               "rowwise_cpu.rotary: x must be a CPU float32 [T, H, D] tensor with a contiguous last dim");
   const int64_t T = x.size(0), H = x.size(1), r = cos.size(1), half = r / 2;
