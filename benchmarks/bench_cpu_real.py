@@ -239,25 +239,29 @@ def measure_format(runner, files: dict, fmt: str, settings: list[tuple[str, int,
     return rows
 
 
-def long_prompt(runner) -> str:
-    """A prompt of LONG_PROMPT_TOKENS tokens of running text (by our tokenizer; llama.cpp's is the same vocabulary)."""
+def long_prompt(runner, salt: int) -> str:
+    """A prompt of LONG_PROMPT_TOKENS tokens of running text (by our tokenizer; llama.cpp's is the same vocabulary),
+    starting with `salt`: each run's differs from the first token, so our prefix cache holds none of it."""
     tok = runner.pipeline.tokenizer
-    ids = tok.encode(" ".join([PROMPT] * 40), add_special_tokens=False).ids[:LONG_PROMPT_TOKENS]
+    ids = tok.encode(f"Draft {salt}. " + " ".join([PROMPT] * 40), add_special_tokens=False).ids[:LONG_PROMPT_TOKENS]
     return tok.decode(ids)
 
 
 def ttft_long(runner, files: dict, fmt: str, threads: int, a) -> dict:
     """Time to the first token of a LONG_PROMPT_TOKENS-token prompt, ours and llama.cpp interleaved (medians)."""
+    import itertools
+
     import llama_cpp
     set_threads(threads, runner)
-    prompt, ban = long_prompt(runner), eos_ban(runner)
+    ban, salts = eos_ban(runner), itertools.count()
     llm = llama_cpp.Llama(model_path=str(files[fmt]), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
                           verbose=False)
-    engines = {"ours": lambda: ours_run(runner, 1, ban, prompt), "llama.cpp": lambda: llama_run(llm, 1, prompt)}
+    engines = {"ours": lambda: ours_run(runner, 1, ban, long_prompt(runner, next(salts))),
+               "llama.cpp": lambda: llama_run(llm, 1, long_prompt(runner, next(salts)))}
     for warm in engines.values():
         warm()
     got = interleaved(engines, a.repeats)
-    return dict(weights=fmt, threads=threads, prompt_tokens=len(llm.tokenize(prompt.encode())),
+    return dict(weights=fmt, threads=threads, prompt_tokens=len(llm.tokenize(long_prompt(runner, 0).encode())),
                 ours_ms=got["ours"]["ttft_ms"], llama_cpp_ms=got["llama.cpp"]["ttft_ms"])
 
 

@@ -11,20 +11,16 @@ from torch import nn
 from .layers import ACTIVATIONS, Attention, AttentionMetadata, CausalLM, GatedMLP, RMSNorm
 from .linears import CpuLinear, QuantLinear
 
-GEMM_MIN_M = 32  # kernels/gguf_cpu.py's: from this many rows its products take the gemm path
 ACT_CODES = {F.silu: 0, F.gelu: 2, **{ACTIVATIONS[n]: 1 for n in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")}}
 
 
 class DecodeLayer:
-    """A block's decode step: (x [B, C], cos, sin [B, 1, r], meta, (k_cache, v_cache)) -> x after the block. From
-    GEMM_MIN_M sequences on, the block's own modules run it (the products take the gemm path there)."""
+    """A block's decode step: (x [B, C], cos, sin [B, 1, r], meta, (k_cache, v_cache)) -> x after the block."""
 
-    def __init__(self, layer, block: nn.Module):
-        self.layer, self.block = layer, block  # layer: cpu_ext.ext.DecoderLayer
+    def __init__(self, layer):
+        self.layer = layer  # cpu_ext.ext.DecoderLayer
 
     def __call__(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
-        if x.shape[0] >= GEMM_MIN_M:
-            return self.block(x, cos, sin, meta, kv_cache)
         return self.layer.forward(x, cos[:, 0], sin[:, 0], kv_cache[0], kv_cache[1], meta.slot_mapping,
                                   meta.block_tables, meta.context_lens)
 
@@ -86,4 +82,4 @@ def decode_layer(block: nn.Module, ext) -> DecodeLayer | None:
         qkv=qkv, o=o, gate_up=gate_up, down=down, in_norm=in_norm, post_attn_norm=post_attn, pre_ffn_norm=pre_ffn,
         post_ffn_norm=post_ffn, q_norm=q_norm, k_norm=k_norm, eps=present[0].eps, unit_offset=present[0].unit_offset,
         H=attn.n_heads, KVH=attn.n_kv_heads, D=attn.head_dim, scale=attn.scale, window=attn.sliding_window or 0,
-        softcap=attn.softcap or 0.0, act=ACT_CODES[mlp.act]), block)
+        softcap=attn.softcap or 0.0, act=ACT_CODES[mlp.act]))

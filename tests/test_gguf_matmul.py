@@ -138,19 +138,22 @@ def int8_rounded(x):
 @pytest.mark.parametrize("M", [1, 3, 17, 33, 130])
 @pytest.mark.parametrize("qtype,tol", CPU_CASES, ids=[t.name for t, _ in CPU_CASES])
 def test_cpu_matches_reference(qtype, tol, M, dtype):
-    """N odd, K two blocks; M < 32 takes the gemv path (tiles of 8, 4, 2 and 1 rows), M >= 32 the gemm path."""
+    """N odd, K two blocks; the int8 path at every M (tiles of 8, 4, 2 and 1 rows; slabs of 64 rows at M = 130),
+    and the exact gemm path on request."""
     N, K = 37, blocks_k(qtype, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 5)
     w = cpu_weight(qtype, N, K)
     x = torch.randn(M, K).to(dtype)
     out = gguf_cpu.gguf_matmul(x, w, qtype, N, K)
     ref = exact(x, w, qtype, N, K)
     assert out.dtype == dtype and out.shape == (M, N)
-    tol = (tol if M < gguf_cpu.GEMM_MIN_M else GEMM_TOL) + (BF16_TOL if dtype == torch.bfloat16 else 0)
-    torch.testing.assert_close(out.double(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+    bf16 = BF16_TOL if dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(out.double(), ref, atol=(tol + bf16) * ref.abs().max().item(), rtol=0)
+    exact_path = gguf_cpu.gguf_matmul(x, w, qtype, N, K, gemm=True)
+    torch.testing.assert_close(exact_path.double(), ref, atol=(GEMM_TOL + bf16) * ref.abs().max().item(), rtol=0)
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("M", [1, 3, 17, 70])
 @pytest.mark.parametrize("qtype", CPU_QTYPES, ids=lambda t: t.name)
 def test_gemv_is_int8_rounded_x_exactly(qtype, M):
     """The gemv equals the exact product of W with x rounded to int8 blocks, up to float rounding (1e-5): every
@@ -166,10 +169,11 @@ def test_gemv_is_int8_rounded_x_exactly(qtype, M):
 @needs_cpu_kernel
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K], ids=lambda t: t.name)
 def test_gemv_rows_and_threads_do_not_change_a_row(qtype):
-    """A row of the gemv's output does not depend on the other rows of x (tiles of 8/4/2/1) nor on the thread
-    count (each output is one thread's): bit for bit, so a sequence decodes the same alone or in a batch."""
+    """A row of the int8 path's output does not depend on the other rows of x (tiles of 8/4/2/1, slabs of 64) nor
+    on the thread count (each output is one thread's): bit for bit, so a token's product is the same alone, in a
+    decode batch or in a prompt's prefill."""
     N, K = 45, blocks_k(qtype, 2 if GGML_QUANT_SIZES[qtype][0] == 256 else 5)
-    w, x = cpu_weight(qtype, N, K), torch.randn(15, K)
+    w, x = cpu_weight(qtype, N, K), torch.randn(150, K)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -182,8 +186,9 @@ def test_gemv_rows_and_threads_do_not_change_a_row(qtype):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    for m in (0, 7, 14):
+    for m in (0, 7, 14, 64, 149):
         assert torch.equal(gguf_cpu.gguf_matmul(x[m:m + 1], w, qtype, N, K), one[m:m + 1])
+    assert torch.equal(gguf_cpu.gguf_matmul(x[60:75], w, qtype, N, K), one[60:75])
     torch.testing.assert_close(gemm1, gemm2, atol=1e-6 * gemm1.abs().max().item(), rtol=0)  # at::mm's blocking
 
 

@@ -109,7 +109,7 @@ def cpu_threads() -> int:
 
 def gguf_matmul(x, qweight, qtype, N, K):
     """x [M, K] @ W.T for GGUF-quantized W [N, K] (qweight uint8 [N, row_bytes]). Triton's fused dequant-matmul for
-    CUDA tensors, the C++ kernel (int8 activations for M < 32, exact f32 dequant + at::mm above) for CPU tensors, of
+    CUDA tensors, the C++ kernel (int8 activations, one arithmetic for every M) for CPU tensors, of
     the types each supports; the reference (dequantize, then matmul) otherwise."""
     if _use_triton(x):
         gguf = _module("gguf")

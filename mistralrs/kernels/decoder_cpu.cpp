@@ -30,7 +30,7 @@ struct Proj {
   int64_t qtype, N, K;
   c10::optional<at::Tensor> bias;
 
-  at::Tensor operator()(const at::Tensor& x) const {  // x [B, K] contiguous, B < gguf_cpu.GEMM_MIN_M
+  at::Tensor operator()(const at::Tensor& x) const {  // x [B, K] contiguous; gguf_cpu.py's default (int8) path
     if (qtype < 0) return mistralrs_cpu::linear(x, w, bias);
     at::Tensor y = gguf_matmul(x, w, qtype, N, K, 0);
     return bias ? y + *bias : y;

@@ -10,13 +10,14 @@
 // so that w[l] = d * q[l] + mn, with the float operations of kernels/dequant.py.
 //
 // Two paths, picked by the caller:
-//   gemv  (decode, few rows of x): x is rounded to int8 in blocks of 32 (scale amax / 127, llama.cpp's Q8_0
-//         activations), then each group is one integer dot product per row of x (maddubs + madd) and one FMA of
-//         its scale. Rows of W are split over threads (threads_cpu.h); each row of W is decoded once per R rows
-//         of x (R = 8, then 4, 2, 1; its bytes stay in L1 for the next R). Each row of y is computed the same way
-//         whatever M and the thread count: a sequence gets the same result alone or in a batch.
-//   gemm  (prefill, many rows of x): W dequantized `tile` rows at a time (the reference's weights exactly) into a
-//         float scratch that stays in L2, multiplied with at::mm; the tiles are spread over the threads.
+//   int8  (the default, any number of rows of x): x is rounded to int8 in blocks of 32 (scale amax / 127,
+//         llama.cpp's Q8_0 activations), then each group is one integer dot product per row of x (maddubs + madd)
+//         and one FMA of its scale. Rows of W are split over threads (threads_cpu.h); each row of W is decoded once
+//         per R rows of x (R = 8, then 4, 2, 1; its bytes stay in L1 for the next R), the rows of x taken kSlabRows
+//         at a time so that their int8 blocks stay in L2. Each row of y is computed the same way whatever M, the
+//         other rows and the thread count: a token gets the same result alone, in a batch or in a prefill.
+//   gemm  (exact, on request): W dequantized `tile` rows at a time (the reference's weights exactly) into a float
+//         scratch that stays in L2, multiplied with at::mm; the tiles are spread over the threads.
 // Why int8 activations: against an f32 variant (each group converted to floats and FMA'd against float x, exact up
 // to summation order), measured on a 2-core EPYC (Zen 2), 1 thread: 1.7-2.3x faster at M = 1 on one matrix in
 // cache, 1.4x on a whole SmolLM2-135M decode step (96 MB of weights streamed from DRAM), 1.5x at M = 16. The price is
@@ -272,27 +273,27 @@ void dot_q8(const uint8_t* w, const XBlock* const* x, int64_t K, float* out) {
 // weight stream at 0.7x the speed (measured with 0, 2, 4, 8 and 16 rows ahead: 4 and more are alike).
 constexpr int64_t kPrefetchRows = 4;
 
-// y[m, n] for n in [n0, n1) and all M rows: each row of W against up to R rows of x at a time;
+// y[m, n] for n in [n0, n1) and rows [m0, m1) of x: each row of W against up to R rows of x at a time;
 // dot(std::integral_constant<int, rows>, m, w_n, out) computes out[r] = x[m + r] . w_n.
 template <int R, class Dot>
-void gemv_rows(Dot&& dot, const uint8_t* w, int64_t row_bytes, float* y, int64_t M, int64_t N, int64_t n0,
-               int64_t n1) {
+void gemv_rows(Dot&& dot, const uint8_t* w, int64_t row_bytes, float* y, int64_t m0, int64_t m1, int64_t N,
+               int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * row_bytes;
     if (n + kPrefetchRows < n1)
       for (int64_t b = 0; b < row_bytes; b += 64)
         _mm_prefetch(reinterpret_cast<const char*>(wn + kPrefetchRows * row_bytes + b), _MM_HINT_T0);
-    int64_t m = 0;
+    int64_t m = m0;
     auto tile = [&](auto rows) {
       float out[rows];
       dot(rows, m, wn, out);
       for (int r = 0; r < rows; ++r) y[(m + r) * N + n] = out[r];
       m += rows;
     };
-    for (; m + R <= M;) tile(std::integral_constant<int, R>());
-    if (R > 4 && m + 4 <= M) tile(std::integral_constant<int, 4>());
-    if (m + 2 <= M) tile(std::integral_constant<int, 2>());
-    if (m < M) tile(std::integral_constant<int, 1>());
+    for (; m + R <= m1;) tile(std::integral_constant<int, R>());
+    if (R > 4 && m + 4 <= m1) tile(std::integral_constant<int, 4>());
+    if (m + 2 <= m1) tile(std::integral_constant<int, 2>());
+    if (m < m1) tile(std::integral_constant<int, 1>());
   }
 }
 
@@ -313,6 +314,9 @@ void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t n0, in
 }
 
 constexpr int64_t kGrain = 16;  // rows of W per parallel_for task at least: a task should outlast its dispatch
+// Rows of x a chunk of W meets at a time: their int8 blocks (K / 32 * 36 bytes a row: 110 KB at K = 1536) stay in
+// L2 while the chunk's rows of W go by, so a prompt's x is not streamed from memory once per row of W.
+constexpr int64_t kSlabRows = 64;
 
 template <class T>
 void gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
@@ -328,7 +332,8 @@ void gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
     dot_q8<T, rows>(wn, xr, K, out);
   };
   parallel_for(N, kGrain, [&](int64_t n0, int64_t n1) {
-    gemv_rows<8>(dot, w.data_ptr<uint8_t>(), rb, y.data_ptr<float>(), M, N, n0, n1);
+    for (int64_t m0 = 0; m0 < M; m0 += kSlabRows)
+      gemv_rows<8>(dot, w.data_ptr<uint8_t>(), rb, y.data_ptr<float>(), m0, std::min(M, m0 + kSlabRows), N, n0, n1);
   });
 }
 
