@@ -355,6 +355,7 @@ class JsonLines:
         if path is not None and (isinstance(path, bool) or not isinstance(path, (str, os.PathLike))):
             raise TypeError(f"logfile must be a path (str or os.PathLike) or None, got {path!r}")
         self.path, self.lock = (None if path is None else os.fspath(path)), threading.Lock()
+        self.failed = False  # a write failed: warned once, later lines are tried and dropped silently
         if self.path is not None:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # fail at load, not later
 
@@ -363,6 +364,12 @@ class JsonLines:
             return
         line = json.dumps({"time": time.time(), kind: payload}) + "\n"
         with self.lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with open(fd, "a", closefd=True) as f:
-                f.write(line)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with open(fd, "a", closefd=True) as f:
+                    f.write(line)
+            except OSError as e:  # a side channel: a full disk or a removed folder must not fail the request
+                if not self.failed:
+                    self.failed = True
+                    log.warning("mistralrs: cannot write the logfile %s (%s); requests are served, their lines lost "
+                                "until it can be written again", self.path, e)

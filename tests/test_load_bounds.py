@@ -193,3 +193,25 @@ def test_weights_that_cannot_fit_are_refused_before_loading(gguf_file, tiny_mode
     with pytest.raises(ValueError, match="the weights would need") as e:
         gguf.load(token_source="none", kv_cache_tokens=256)
     assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "config.json"])
+@pytest.mark.parametrize("value", ["2", ["2"], [2, "3"], 2.0, True, -1, {"id": 2}])
+def test_an_eos_token_id_transformers_would_not_take_names_file_and_key(tiny_models, tmp_path, name, value):
+    ckpt = variant(tiny_models, tmp_path)
+    cfg = json.loads((ckpt / name).read_text()) if (ckpt / name).exists() else {}
+    (ckpt / name).write_text(json.dumps({**cfg, "eos_token_id": value}))
+    with pytest.raises(ValueError, match=f"{name}: eos_token_id must be a token id") as e:
+        mistralrs.NormalLoader(ARCHS["llama"], model_id=str(ckpt)).load(token_source="none", kv_cache_tokens=256)
+    assert repr(value) in str(e.value)
+
+
+@pytest.mark.parametrize("value, ids", [(2, {2}), ([2, 3], {2, 3}), ([], set())])
+def test_eos_token_ids_transformers_takes_load(tiny_models, tmp_path, value, ids):
+    ckpt = variant(tiny_models, tmp_path, eos_token_id=value)
+    (ckpt / "generation_config.json").unlink(missing_ok=True)
+    tok_cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tok_cfg.items() if k != "eos_token"}))
+    with mistralrs.NormalLoader(ARCHS["llama"], model_id=str(ckpt)).load(token_source="none",
+                                                                         kv_cache_tokens=256) as r:
+        assert r.pipeline.eos_token_ids == ids

@@ -3,7 +3,9 @@ can still go wrong in one row of a step (sampling, output) fails that request on
 their solo runs. Every request here carries a timeout, so a regression fails instead of hanging the session."""
 import dataclasses
 import json
+import os
 import threading
+import time
 
 import pytest
 
@@ -71,9 +73,31 @@ def test_a_sent_request_is_a_copy_that_later_mutation_cannot_reach(runner):
         frozen.temperature = 0.5
 
 
+def _held_until(runner, ready) -> threading.Thread:
+    """Hold the engine thread (from a thread of its own) until ready() says every request is in its inbox (or was
+    refused before it), so that they enter the scheduler together and share their first step: a test about a batch
+    must not depend on thread timing."""
+    started = threading.Event()
+
+    def hold():
+        started.set()
+        deadline = time.monotonic() + T
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    holder = threading.Thread(target=runner.engine.call, args=(hold,))
+    holder.start()
+    started.wait(T)
+    return holder
+
+
 def _concurrently(runner, requests):
-    """Send every request at once from its own thread; each result is the reply text or the exception raised."""
+    """Send every request at once from its own thread, the engine held until all are queued; each result is the
+    reply text or the exception raised."""
     results, barrier = [None] * len(requests), threading.Barrier(len(requests))
+    # while the engine is held, a result can only be a request refused in its caller's thread
+    holder = _held_until(runner, lambda: runner.engine.inbox.qsize() + sum(r is not None for r in results)
+                         >= len(requests))
 
     def worker(i):
         barrier.wait()
@@ -87,6 +111,7 @@ def _concurrently(runner, requests):
         t.start()
     for t in threads:
         t.join(T)
+    holder.join(T)
     return results
 
 
@@ -150,3 +175,25 @@ def test_the_same_request_id_twice_in_flight_is_refused(runner):
         runner.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=3, request_id="twice", timeout=T))
     assert first.id == "twice"
     assert len(list(first)) > 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a file whose writes fail: ENOSPC)")
+def test_a_logfile_that_cannot_be_written_warns_once_and_serves(tiny_models, caplog):
+    """The log is a side channel: with a logfile on a full disk, 20 requests (4 of them streamed) are answered as
+    without one, and the failure is said once, with the path and the error."""
+    loader = mistralrs.NormalLoader(ARCHS["llama"], model_id=str(tiny_models["llama"]))
+    requests = [CompletionRequest(p, "m", max_tokens=6, temperature=0, timeout=T, stream=i >= 16)
+                for i, p in enumerate(prompts(20))]
+    def answer(runner, r):
+        if not r.stream:
+            return text(runner.send_completion_request(r))
+        return "".join(json.loads(c)["choices"][0]["text"] for c in runner.send_completion_request(r))
+
+    with loader.load(token_source="none", max_seqs=8) as plain:
+        expect = [answer(plain, r) for r in requests]
+    with caplog.at_level("WARNING", logger="mistralrs"):
+        with loader.load(token_source="none", max_seqs=8, logfile="/dev/full") as full:
+            got = [answer(full, r) for r in requests]
+    assert got == expect
+    warned = [r.getMessage() for r in caplog.records if "logfile" in r.getMessage()]
+    assert len(warned) == 1 and "/dev/full" in warned[0] and "No space left" in warned[0], warned

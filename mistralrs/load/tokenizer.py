@@ -62,12 +62,24 @@ def tokenizer_from_file(path: Path) -> Tokenizer:
         raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
 
 
+def _token_ids(value, source: str) -> list[int]:
+    """eos_token_id as transformers takes it (generation builds a tensor of non-negative ints from it): absent, an
+    int, or a list of ints."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{source}: eos_token_id must be a token id (an int >= 0) or a list of them, got {value!r}")
+    return values
+
+
 def eos_ids(tokenizer: Tokenizer, special: dict, cfg: dict, gen_cfg: dict) -> set[int]:
     """EOS from generation_config.json (an id or a list), config.json and tokenizer_config.json together; for a
     GGUF/GGML file `cfg` holds llama.cpp's end-of-generation set of the file instead of config.json's."""
     ids = set()
-    for value in (gen_cfg.get("eos_token_id"), cfg.get("eos_token_id")):
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    for value, source in ((gen_cfg.get("eos_token_id"), "generation_config.json"),
+                          (cfg.get("eos_token_id"), "config.json")):
+        ids.update(_token_ids(value, source))
     if special.get("eos_token") is not None and tokenizer.token_to_id(special["eos_token"]) is not None:
         ids.add(tokenizer.token_to_id(special["eos_token"]))
     return ids
