@@ -181,6 +181,30 @@ def test_cpu_attention_matches_reference(case, window, variant):
         torch.testing.assert_close(ours, ref, **TOL[dtype])
 
 
+@pytest.mark.skipif(cpu_ext.ext is None, reason=f"{cpu_ext.UNAVAILABLE}")
+@pytest.mark.parametrize("H,KVH,L,N,D", [(9, 3, 100, 100, 64), (4, 1, 70, 90, 32), (6, 6, 65, 65, 16)])
+def test_cpu_sdpa_one_head_at_a_time_equals_sdpa(H, KVH, L, N, D, monkeypatch):
+    """A prefill's SDPA a query head at a time on the kernels' team is torch's SDPA of all heads, bit for bit,
+    causal or with a mask (a chunk of a prompt), at 1 and 2 threads."""
+    import torch.nn.functional as F
+    q, k, v = torch.randn(1, H, L, D), torch.randn(1, KVH, N, D), torch.randn(1, KVH, N, D)
+    mask, causal = (None, True) if L == N else (torch.ones(L, N, dtype=torch.bool).tril(N - L), False)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, enable_gqa=True)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(cpu_ext.ext.sdpa_heads(q, k, v, mask, causal, 0.3), ref)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(attention_cpu, "SDPA_HEADS_MIN", 1)  # the paged path takes it at any size
+    q_lens, ctx_lens = [L, 3], [N, 9]
+    qp, k_cache, v_cache, tables, lens, cu = make_case(q_lens, ctx_lens, H, KVH, D, 16, torch.float32)
+    ref = reference.paged_attention(qp, k_cache, v_cache, tables, lens, cu, D ** -0.5)
+    ours = attention_cpu.paged_attention(qp, k_cache, v_cache, tables, lens, cu, D ** -0.5)
+    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+
+
 def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
     """SDPA path (bf16: f32 decode runs the C++ kernel, which reads every page in place): a sequence on
     consecutive pages is attended as a view of the cache, no gather (index) of its pages."""

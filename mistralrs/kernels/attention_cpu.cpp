@@ -155,4 +155,26 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// Prefill attention of one sequence, q [1, H, L, D], k, v [1, KVH, N, D] (views), as torch's fused SDPA (GQA, a
+// causal flag or a bool mask [L, N]) one query head at a time on the team's threads: the engine thread runs torch's
+// ops serially (threads_cpu.cpp says why), and this is the one large torch op of a prefill. Each head's result is
+// SDPA's for that head alone.
+at::Tensor sdpa_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  RECORD_FUNCTION("mistralrs::sdpa_heads", {});
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 && k.size(1) == v.size(1) &&
+                  q.size(1) % k.size(1) == 0,
+              "attention_cpu.sdpa_heads: q [1, H, L, D], k and v [1, KVH, N, D] with H a multiple of KVH");
+  const int64_t H = q.size(1), G = H / k.size(1);
+  at::Tensor out = at::empty({1, H, q.size(2), v.size(3)}, q.options());
+  parallel_for_torch(H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const at::Tensor o = at::scaled_dot_product_attention(
+          q.narrow(1, h, 1), k.narrow(1, h / G, 1), v.narrow(1, h / G, 1), mask, 0.0, causal, scale);
+      out.narrow(1, h, 1).copy_(o);
+    }
+  });
+  return out;
+}
+
 }  // namespace mistralrs_cpu

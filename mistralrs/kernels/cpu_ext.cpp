@@ -17,6 +17,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   int64_t window, double softcap);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor sdpa_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const c10::optional<at::Tensor>& mask, bool causal, double scale);
 void bind_decoder(py::module& m);
 }  // namespace mistralrs_cpu
 
@@ -33,6 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence against its paged context; window <= 0: none, softcap <= 0: none");
   m.def("rms_norm", &rms_norm, "x / rms(x) * (w or 1 + w), per row (float32)");
+  m.def("sdpa_heads", &sdpa_heads, "torch's SDPA one query head at a time on the team (prefill)");
   bind_decoder(m);  // Proj, DecoderLayer
   m.def("rotary_", &rotary_, "rotate-half rotary on the first cos.size(1) dims of each head, in place (float32)");
 }
