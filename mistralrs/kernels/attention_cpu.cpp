@@ -9,6 +9,7 @@
 #include <ATen/record_function.h>
 #include <immintrin.h>
 
+#include "simd_cpu.h"
 #include "threads_cpu.h"
 
 #include <algorithm>
@@ -18,13 +19,6 @@
 
 namespace mistralrs_cpu {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();

@@ -26,6 +26,7 @@
 #include <ATen/record_function.h>
 #include <immintrin.h>
 
+#include "simd_cpu.h"
 #include "threads_cpu.h"
 
 #include <cstdint>
@@ -33,6 +34,7 @@
 
 namespace {
 
+using mistralrs_cpu::hsum;
 using mistralrs_cpu::parallel_for;
 using mistralrs_cpu::parallel_for_torch;
 
@@ -187,13 +189,6 @@ struct TQ6_K {
     }
   }
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The group's 32 weights as floats, w[l] = d * q[l] + mn (dequant.py's operations: a product, then the offset).
 template <class T>

@@ -12,6 +12,7 @@
 #include <ATen/record_function.h>
 #include <immintrin.h>
 
+#include "simd_cpu.h"
 #include "threads_cpu.h"
 
 namespace mistralrs_cpu {
@@ -19,13 +20,6 @@ namespace {
 
 constexpr int64_t kGemvMaxRows = 32;   // as gguf_cpu.py's GEMM_MIN_M
 constexpr int64_t kPrefetchRows = 4;   // rows of W read ahead (gguf_cpu.cpp measured the same need)
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // out[r] = x[r] . w over K for R rows of x: two accumulators a row (FMA latency), then the scalar tail.
 template <int R>
