@@ -21,8 +21,8 @@ class DecodeLayer:
         self.layer = layer  # cpu_ext.ext.DecoderLayer
 
     def __call__(self, x, cos, sin, meta: AttentionMetadata, kv_cache) -> torch.Tensor:
-        return self.layer.forward(x, cos[:, 0], sin[:, 0], kv_cache[0], kv_cache[1], meta.slot_mapping,
-                                  meta.block_tables, meta.context_lens)
+        return self.layer.forward(x, cos, sin, kv_cache[0], kv_cache[1], meta.slot_mapping, meta.block_tables,
+                                  meta.context_lens)
 
 
 def attach(model: nn.Module) -> nn.Module:
@@ -66,18 +66,17 @@ def decode_layer(block: nn.Module, ext) -> DecodeLayer | None:
     norms = ([block.input_layernorm, block.post_attention_layernorm, block.pre_feedforward_layernorm,
               block.post_feedforward_layernorm] if sandwich
              else [block.input_layernorm, None, block.post_attention_layernorm, None])
-    qk_norms = [attn.q_norm, attn.k_norm] if attn.q_norm is not None else [None, None]
-    present = [m for m in norms + qk_norms if m is not None]
-    weights = [_norm(m) for m in present]
+    norms += [attn.q_norm, attn.k_norm]  # Gemma 3's, else None
+    present = [m for m in norms if m is not None]
+    weights = [None if m is None else _norm(m) for m in norms]
     qkv = _projs(attn.qkv, [attn.q_proj, attn.k_proj, attn.v_proj], ext)
     gate_up = _projs(mlp.gate_up, [mlp.gate_proj, mlp.up_proj], ext)
     o, down = _proj(attn.o_proj, ext), _proj(mlp.down_proj, ext)
-    if (any(w is None for w in weights) or len({(m.eps, m.unit_offset) for m in present}) != 1
+    if (any(m is not None and w is None for m, w in zip(norms, weights))
+            or len({(m.eps, m.unit_offset) for m in present}) != 1
             or None in (qkv, gate_up, o, down) or mlp.act not in ACT_CODES):
         return None
-    w = iter(weights)
-    in_norm, post_attn, pre_ffn, post_ffn, q_norm, k_norm = (None if m is None else next(w)
-                                                             for m in norms + qk_norms)
+    in_norm, post_attn, pre_ffn, post_ffn, q_norm, k_norm = weights
     return DecodeLayer(ext.DecoderLayer(
         qkv=qkv, o=o, gate_up=gate_up, down=down, in_norm=in_norm, post_attn_norm=post_attn, pre_ffn_norm=pre_ffn,
         post_ffn_norm=post_ffn, q_norm=q_norm, k_norm=k_norm, eps=present[0].eps, unit_offset=present[0].unit_offset,

@@ -296,7 +296,8 @@ class CausalLM(nn.Module):
         for i, (layer, rotary, kv) in enumerate(zip(self.model.layers, self.layer_rotaries, kv_caches)):
             if rotary not in tables:
                 tables[rotary] = rotary.cos_sin(positions, x.dtype)
-            x = (fused and fused[i] or layer)(x, *tables[rotary], meta, kv)
+            step = fused[i] if fused is not None and fused[i] is not None else layer
+            x = step(x, *tables[rotary], meta, kv)
         return self.model.norm(x)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
     "auto"       Triton for CUDA tensors; for CPU tensors the CPU implementation where the op has one
-                 (attention_cpu.py, gguf_cpu.py, linear_cpu.py, rowwise_cpu.py: C++ kernels built by cpu_ext.py, and SDPA), else
-                 the torch reference (the default). rms_norm and rotary_embedding have no Triton kernel: on CUDA
+                 (attention_cpu.py, gguf_cpu.py, linear_cpu.py, rowwise_cpu.py: C++ kernels built by cpu_ext.py,
+                 and SDPA), else the torch reference (the default). rms_norm and rotary_embedding have no Triton kernel: on CUDA
                  the reference's torch ops (fused by torch there) run.
     "triton"     Triton everywhere: on CPU this needs TRITON_INTERPRET=1 (tests, debugging)
     "reference"  the torch reference everywhere (a baseline to compare against)

@@ -1,6 +1,6 @@
 """The compiled CPU kernels: one torch C++ extension made of threads_cpu.cpp (their thread team), gguf_cpu.cpp (GGUF
 matmul), linear_cpu.cpp (float32 linear), attention_cpu.cpp (decode attention, KV writes) and rowwise_cpu.cpp
-(RMSNorm, rotary) and decoder_cpu.cpp (a decoder layer's decode step in one call), with their bindings in
+(RMSNorm, rotary), decoder_cpu.cpp (a decoder layer's decode step in one call), with their bindings in
 cpu_ext.cpp. AVX2, FMA, F16C.
 
 Build: torch.utils.cpp_extension.load compiles it on first import (about a minute on 2 cores) into the torch
@@ -10,8 +10,8 @@ loaded): `ext` is None and UNAVAILABLE says why; the dispatch then warns once an
 
 Threads: the kernels split their work over threads_cpu.cpp's team (its header says why not OpenMP): one per process,
 of which a call uses kernels.set_cpu_threads(n) threads as set on the calling thread (the Runner sets load's
-`threads` on its engine thread), else the calling thread's torch.get_num_threads(). Its workers spin up to MISTRALRS_SPIN_US microseconds (default 1000) after a
-job, then sleep.
+`threads` on its engine thread), else the calling thread's torch.get_num_threads(). Its workers spin up to
+MISTRALRS_SPIN_US microseconds (default 1000) after a job, then sleep.
 """
 import logging
 import os

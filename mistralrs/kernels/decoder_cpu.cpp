@@ -62,7 +62,8 @@ struct DecoderLayer {
   double softcap;   // <= 0: none
   int64_t act;
 
-  // x [B, C] -> x after the layer; cos, sin [B, r]; the cache and metadata as attention_cpu.cpp takes them.
+  // x [B, C] -> x after the layer; cos, sin [B, 1, r] (layers.Rotary's tables); the cache and metadata as
+  // attention_cpu.cpp takes them.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& tables,
                      const at::Tensor& lens) const {
@@ -81,8 +82,9 @@ struct DecoderLayer {
       q = norm(q.reshape({-1, D}), q_norm, eps, unit_offset).view({B, H, D});
       k = norm(k.reshape({-1, D}), k_norm, eps, unit_offset).view({B, KVH, D});
     }
-    rotary_(q, cos, sin);
-    rotary_(k, cos, sin);
+    const at::Tensor c = cos.select(1, 0), s = sin.select(1, 0);  // [B, r]
+    rotary_(q, c, s);
+    rotary_(k, c, s);
     store_kv(k, v, k_cache, v_cache, slots);
     const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap);
     at::Tensor a = o(attn.reshape({B, H * D}));

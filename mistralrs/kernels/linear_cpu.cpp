@@ -18,7 +18,7 @@
 namespace mistralrs_cpu {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 32;   // more rows: MKL sgemm reuses each weight better
+constexpr int64_t kGemvMaxRows = 32;   // more rows: MKL's sgemm, which reuses each weight across rows
 constexpr int64_t kPrefetchRows = 4;   // rows of W read ahead (gguf_cpu.cpp measured the same need)
 
 // out[r] = x[r] . w over K for R rows of x: two accumulators a row (FMA latency), then the scalar tail.

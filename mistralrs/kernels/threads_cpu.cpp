@@ -44,8 +44,8 @@ namespace {
 constexpr int kChunkBits = 20;
 constexpr uint64_t kChunkMask = (uint64_t(1) << kChunkBits) - 1;
 constexpr int64_t kMaxChunks = int64_t(kChunkMask);
-constexpr int kChunksPerThread = 4;
-constexpr int kSpinsBeforeYield = 256;  // ~5 us of pause: a worker on its own core finishes its chunk sooner  // dynamic balance: a thread that falls behind takes fewer chunks
+constexpr int kChunksPerThread = 4;     // dynamic balance: a thread that falls behind takes fewer chunks
+constexpr int kSpinsBeforeYield = 256;  // ~5 us of pause: a worker on its own core finishes its chunk sooner
 
 int64_t spin_us() {
   const char* env = std::getenv("MISTRALRS_SPIN_US");
@@ -98,7 +98,7 @@ class Team {
   }
 
   void grow(int workers) {
-    while (int(spawned_) < workers) {
+    while (spawned_ < workers) {
       std::thread([this, index = spawned_] { work(index); }).detach();  // the team lives as long as the process
       ++spawned_;
     }
