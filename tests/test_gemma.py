@@ -113,10 +113,9 @@ def test_config_feature_matches_transformers_and_matters(tiny_models, tmp_path, 
     with torch.no_grad():
         ref = hf_model(path)(torch.tensor([ids])).logits[0]
     ours = all_logits(runner, ids)
-    # Without the soft cap our CPU path runs torch's fused attention, which rounds apart from transformers' eager
-    # matmul by up to 1.2e-5 here (measured).
-    tol = 2e-5 if edits == {"attn_logit_softcapping": None} else TOL
-    assert (ours - ref).abs().max().item() <= tol
+    # Our CPU norms and attention sum in other orders than transformers' eager ops (one order for every batch:
+    # test_batch_invariance.py): up to 1.2e-5 apart here (measured).
+    assert (ours - ref).abs().max().item() <= 2 * TOL
     assert (ours - all_logits(base, ids)).abs().max().item() > 1e-3  # the feature is exercised
 
 

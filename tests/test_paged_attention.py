@@ -182,27 +182,36 @@ def test_cpu_attention_matches_reference(case, window, variant):
 
 
 @pytest.mark.skipif(cpu_ext.ext is None, reason=f"{cpu_ext.UNAVAILABLE}")
-@pytest.mark.parametrize("H,KVH,L,N,D", [(9, 3, 100, 100, 64), (4, 1, 70, 90, 32), (6, 6, 65, 65, 16)])
-def test_cpu_sdpa_one_head_at_a_time_equals_sdpa(H, KVH, L, N, D, monkeypatch):
-    """A prefill's SDPA a query head at a time on the kernels' team is torch's SDPA of all heads, bit for bit,
-    causal or with a mask (a chunk of a prompt), at 1 and 2 threads."""
-    import torch.nn.functional as F
-    q, k, v = torch.randn(1, H, L, D), torch.randn(1, KVH, N, D), torch.randn(1, KVH, N, D)
-    mask, causal = (None, True) if L == N else (torch.ones(L, N, dtype=torch.bool).tril(N - L), False)
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=0.3, enable_gqa=True)
-    before = torch.get_num_threads()
+@pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (None, 5.0)], ids=["plain", "window", "softcap"])
+@pytest.mark.parametrize("H,KVH,D,BS", [(9, 3, 64, 16), (4, 1, 100, 5), (6, 6, 16, 32)])
+def test_cpu_attention_of_a_query_does_not_depend_on_the_batch(H, KVH, D, BS, window, softcap):
+    """A query's output is the same bits whether it is computed in its sequence's whole prefill, in a chunk after a
+    cached prefix, decoded alone, or beside other sequences' queries, at 1, 2 and 3 threads."""
+    n = 70
+    (q, k_cache, v_cache, tables, lens, cu) = make_case([n, 9], [n, 30], H, KVH, D, BS, torch.float32)
+    q = q * 3
+    table, other = tables[:1], tables[1:]
+    args = dict(scale=D ** -0.5, sliding_window=window, softcap=softcap)
+
+    def attend(rows, table, lens, q_lens):
+        cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+        return attention_cpu.paged_attention(rows, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32),
+                                             cu, **args)
+    full = attend(q[:n], table, [n], [n])
+    before = kernels.cpu_threads()
     try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            assert torch.equal(cpu_ext.ext.sdpa_heads(q, k, v, mask, causal, 0.3), ref)
+        for threads in (1, 2, 3):
+            kernels.set_cpu_threads(threads)
+            for c in (1, 16, 33, n - 1):  # a chunk after c cached tokens
+                assert torch.equal(attend(q[c:n], table, [n], [n - c]), full[c:])
+            for p in (0, 15, 16, 69):  # decode of position p, alone and beside another sequence's 9 queries
+                decoded = attention_cpu.paged_decode_attention(q[p:p + 1], k_cache, v_cache, table,
+                                                               torch.tensor([p + 1], dtype=torch.int32), None, **args)
+                assert torch.equal(decoded, full[p:p + 1])
+                both = attend(torch.cat([q[n:], q[p:p + 1]]), torch.cat([other, table]), [30, p + 1], [9, 1])
+                assert torch.equal(both[9:], full[p:p + 1])
     finally:
-        torch.set_num_threads(before)
-    monkeypatch.setattr(attention_cpu, "SDPA_HEADS_MIN", 1)  # the paged path takes it at any size
-    q_lens, ctx_lens = [L, 3], [N, 9]
-    qp, k_cache, v_cache, tables, lens, cu = make_case(q_lens, ctx_lens, H, KVH, D, 16, torch.float32)
-    ref = reference.paged_attention(qp, k_cache, v_cache, tables, lens, cu, D ** -0.5)
-    ours = attention_cpu.paged_attention(qp, k_cache, v_cache, tables, lens, cu, D ** -0.5)
-    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
+        kernels.set_cpu_threads(before)
 
 
 def test_cpu_attention_reads_consecutive_pages_in_place(monkeypatch):
@@ -247,6 +256,10 @@ def test_cpu_store_kv_and_decode_checks():
     with pytest.raises(RuntimeError, match="context_lens"):
         attention_cpu.paged_decode_attention(q, *ours, torch.tensor([[0, 1]], dtype=torch.int32),
                                              torch.tensor([33], dtype=torch.int32), None, 0.125)
+    with pytest.raises(RuntimeError, match="context_lens"):  # fewer cached tokens than the sequence's queries
+        attention_cpu.paged_attention(torch.randn(3, 6, D), *ours, torch.tensor([[0, 1]], dtype=torch.int32),
+                                      torch.tensor([2], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
+                                      0.125)
 
 
 @pytest.mark.parametrize("backend,impl", [("auto", attention_cpu), ("reference", reference)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mistralrs import kernels
-from mistralrs.kernels import cpu_ext, reference, rowwise_cpu
+from mistralrs.kernels import cpu_ext, reference
 from mistralrs.layers import Rotary
 
 pytestmark = pytest.mark.skipif(cpu_ext.UNAVAILABLE is not None, reason=f"{cpu_ext.UNAVAILABLE}")
@@ -50,7 +50,13 @@ def test_bad_shapes_raise():
         cpu_ext.ext.rotary_(torch.randn(2, 3, 8), torch.randn(2, 5), torch.randn(2, 5))
 
 
-def test_rms_norm_leaves_prefill_sized_inputs_to_the_reference():
-    w = torch.randn(64)
-    big = torch.randn(rowwise_cpu.DECODE_ROWS + 1, 64)
-    assert torch.equal(kernels.rms_norm(big, w, 1e-6), reference.rms_norm(big, w, 1e-6))
+def test_rms_norm_and_rotary_of_a_row_do_not_depend_on_the_other_rows():
+    """A token's norm and rotary are the same bits in a decode step (a few rows) and in a prefill (hundreds)."""
+    w, x = torch.randn(100), torch.randn(300, 100)
+    whole = kernels.rms_norm(x, w, 1e-6)
+    for a, b in ((0, 1), (7, 8), (5, 21), (100, 300)):
+        assert torch.equal(kernels.rms_norm(x[a:b], w, 1e-6), whole[a:b])
+    q, k, cos, sin = torch.randn(300, 4, 32), torch.randn(300, 2, 32), torch.randn(300, 1, 16), torch.randn(300, 1, 16)
+    q_all, k_all = kernels.rotary_embedding(q.clone(), k.clone(), cos, sin)
+    q_one, k_one = kernels.rotary_embedding(q[40:41].clone(), k[40:41].clone(), cos[40:41], sin[40:41])
+    assert torch.equal(q_one, q_all[40:41]) and torch.equal(k_one, k_all[40:41])

@@ -1,9 +1,11 @@
 """Paged attention for CPU tensors. Same signatures and results as reference.paged_attention / paged_decode_attention.
 
-    float32 cache   store_kv and paged_decode_attention: the C++ kernels of attention_cpu.cpp (pages read in place,
-                    all sequences and KV heads in one parallel loop)
-    prefill, other  torch's fused attention (scaled_dot_product_attention, GQA without expanding the KV heads) on
-    dtypes          each sequence's context; store_kv as the reference
+    float32 cache   store_kv, paged_attention and paged_decode_attention: the C++ kernels of attention_cpu.cpp (pages
+                    read in place; all sequences, KV heads and query chunks in one parallel loop). One kernel for
+                    prefill and decode: a query's result depends on its keys alone, not on the batch or on how its
+                    context was computed (prefill, chunk, prefix-cache hit).
+    other dtypes    torch's fused attention (scaled_dot_product_attention, GQA without expanding the KV heads) on
+                    each sequence's context; store_kv as the reference
 
 Paged KV cache layout as in reference.py: [NB, BS, KVH, D]. A sequence whose blocks are consecutive ids (a sequence
 alone on the cache gets blocks 0, 1, 2, ... from the block manager's free list) is read in place as a strided view of
@@ -16,9 +18,6 @@ from . import reference
 from .cpu_ext import ext
 
 F32 = torch.float32
-# L x N from which a sequence's prefill SDPA runs a head at a time on the team (measured, 2 threads: 512 x 512 at
-# 9 heads 8.6 -> 5.1 ms; 7 x 40, a chunk's worth, 0.03 -> 0.1 ms)
-SDPA_HEADS_MIN = 4096
 
 
 def _compiled(x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -54,12 +53,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
             causal: bool, softcap: float | None) -> torch.Tensor:
     """q [L, H, D], k/v [N, KVH, D], mask [L, N] bool (True = visible) or None -> [L, H, D]."""
     if softcap is None:
-        # the heads spread over the kernels' team where there is a prefill's worth of work
-        if ext is not None and q.dtype == k.dtype == v.dtype == F32 and q.shape[0] * k.shape[0] >= SDPA_HEADS_MIN:
-            o = ext.sdpa_heads(_heads_first(q), _heads_first(k), _heads_first(v), mask, causal, scale)
-        else:
-            o = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask,
-                                               is_causal=causal, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask,
+                                           is_causal=causal, scale=scale, enable_gqa=True)
         return o[0].permute(1, 0, 2)
     # SDPA cannot cap the logits: grouped heads by hand, in fp32 as the reference.
     L, H, D = q.shape
@@ -80,6 +75,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                       block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       scale: float, sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention of a ragged batch of new queries (q [T, H, D]) against each sequence's paged context."""
+    if _compiled(q, k_cache, v_cache):
+        return ext.paged_attention(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
+                                   cu_seqlens_q.contiguous(), scale, sliding_window or 0, softcap or 0.0)
     BS = k_cache.shape[1]
     out = torch.empty_like(q)
     cu, tables = cu_seqlens_q.tolist(), block_tables.tolist()
@@ -105,8 +103,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One new query per sequence (q [B, H, D]): it sees the last min(n, window) tokens, so no mask is needed, and
     a window only narrows the view."""
     if _compiled(q, k_cache, v_cache):
-        return ext.paged_decode_attention(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(),
-                                          scale, sliding_window or 0, softcap or 0.0)
+        return ext.paged_attention(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), None,
+                                   scale, sliding_window or 0, softcap or 0.0)
     BS = k_cache.shape[1]
     outs = []
     for b, (blocks, n) in enumerate(zip(block_tables.tolist(), context_lens.tolist())):

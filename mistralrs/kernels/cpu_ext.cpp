@@ -12,13 +12,12 @@ bool cpu_has_avx2();
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots);
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window, double softcap);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           const c10::optional<at::Tensor>& cu_seqlens_q, double scale, int64_t window,
+                           double softcap);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset);
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor sdpa_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const c10::optional<at::Tensor>& mask, bool causal, double scale);
 void bind_decoder(py::module& m);
 }  // namespace mistralrs_cpu
 
@@ -32,10 +31,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("threads", &threads, "threads of the kernels' team, as the calling thread would use it");
   m.def("torch_ops_serial", &torch_ops_serial, "torch's own ops on the calling thread run on it alone");
   m.def("store_kv", &store_kv, "k_cache/v_cache[slots] = k, v (float32)");
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "one query per sequence against its paged context; window <= 0: none, softcap <= 0: none");
+  m.def("paged_attention", &paged_attention,
+        "ragged queries (cu_seqlens_q; None: one per sequence) against their paged context, causal; window <= 0: "
+        "none, softcap <= 0: none");
   m.def("rms_norm", &rms_norm, "x / rms(x) * (w or 1 + w), per row (float32)");
-  m.def("sdpa_heads", &sdpa_heads, "torch's SDPA one query head at a time on the team (prefill)");
   bind_decoder(m);  // Proj, DecoderLayer
   m.def("rotary_", &rotary_, "rotate-half rotary on the first cos.size(1) dims of each head, in place (float32)");
 }

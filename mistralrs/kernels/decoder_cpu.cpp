@@ -20,9 +20,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, bool u
 void rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots);
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window, double softcap);
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           const c10::optional<at::Tensor>& cu_seqlens_q, double scale, int64_t window,
+                           double softcap);
 
 // A projection: GGUF blocks (qtype >= 0, w uint8 [N, row_bytes]) or float32 (qtype < 0, w [N, K]), bias optional.
 struct Proj {
@@ -36,14 +37,6 @@ struct Proj {
     return bias ? y + *bias : y;
   }
 };
-
-// rowwise_cpu.py's rule: the C++ norm for up to kDecodeRows rows, torch's (the reference's bits) above.
-constexpr int64_t kDecodeRows = 16;
-
-at::Tensor norm(const at::Tensor& x, const at::Tensor& w, double eps, bool unit_offset) {  // x [rows, C]
-  if (x.size(0) <= kDecodeRows) return rms_norm(x, w, eps, unit_offset);
-  return at::rms_norm(x, {x.size(1)}, unit_offset ? at::add(w, 1.0) : w, eps);
-}
 
 enum Act : int64_t { kSilu = 0, kGeluTanh = 1, kGelu = 2 };
 
@@ -69,7 +62,7 @@ struct DecoderLayer {
                      const at::Tensor& lens) const {
     RECORD_FUNCTION("mistralrs::decoder_layer", {});
     const int64_t B = x.size(0);
-    const at::Tensor h = norm(x, in_norm, eps, unit_offset);
+    const at::Tensor h = rms_norm(x, in_norm, eps, unit_offset);
     at::Tensor q, k, v;
     if (qkv.size() == 1) {
       const auto parts = qkv[0](h).split_with_sizes({H * D, KVH * D, KVH * D}, -1);
@@ -79,18 +72,18 @@ struct DecoderLayer {
     }
     q = q.view({B, H, D}), k = k.view({B, KVH, D}), v = v.view({B, KVH, D});
     if (q_norm.defined()) {
-      q = norm(q.reshape({-1, D}), q_norm, eps, unit_offset).view({B, H, D});
-      k = norm(k.reshape({-1, D}), k_norm, eps, unit_offset).view({B, KVH, D});
+      q = rms_norm(q.reshape({-1, D}), q_norm, eps, unit_offset).view({B, H, D});
+      k = rms_norm(k.reshape({-1, D}), k_norm, eps, unit_offset).view({B, KVH, D});
     }
     const at::Tensor c = cos.select(1, 0), s = sin.select(1, 0);  // [B, r]
     rotary_(q, c, s);
     rotary_(k, c, s);
     store_kv(k, v, k_cache, v_cache, slots);
-    const at::Tensor attn = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, window, softcap);
+    const at::Tensor attn = paged_attention(q, k_cache, v_cache, tables, lens, c10::nullopt, scale, window, softcap);
     at::Tensor a = o(attn.reshape({B, H * D}));
-    if (post_attn_norm.defined()) a = norm(a, post_attn_norm, eps, unit_offset);
+    if (post_attn_norm.defined()) a = rms_norm(a, post_attn_norm, eps, unit_offset);
     const at::Tensor hx = x + a;
-    const at::Tensor f = norm(hx, pre_ffn_norm, eps, unit_offset);
+    const at::Tensor f = rms_norm(hx, pre_ffn_norm, eps, unit_offset);
     at::Tensor gate, up;
     if (gate_up.size() == 1) {
       const auto parts = gate_up[0](f).split_with_sizes({gate_up[0].N / 2, gate_up[0].N / 2}, -1);
@@ -100,7 +93,7 @@ struct DecoderLayer {
     }
     const at::Tensor g = act == kSilu ? at::silu(gate) : at::gelu(gate, act == kGeluTanh ? "tanh" : "none");
     at::Tensor d = down(g * up);
-    if (post_ffn_norm.defined()) d = norm(d, post_ffn_norm, eps, unit_offset);
+    if (post_ffn_norm.defined()) d = rms_norm(d, post_ffn_norm, eps, unit_offset);
     return hx + d;
   }
 };
