@@ -24,29 +24,6 @@
 namespace mistralrs_cpu {
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < D; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline void scale_row(float a, float* y, int64_t D) {  // y *= a
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(av, _mm256_loadu_ps(y + i)));
-  for (; i < D; ++i) y[i] *= a;
-}
-
-inline void axpy(float p, const float* x, float* y, int64_t D) {  // y += p * x
-  const __m256 pv = _mm256_set1_ps(p);
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < D; ++i) y[i] += p * x[i];
-}
-
 // A token's K (or V) row of one head is D floats out of every KVH * D: a strided walk through a cache that the
 // weights streamed through since the last step have evicted. Without prefetching, each row costs a DRAM latency
 // (measured on SmolLM2, 3 KV heads, ~100-token contexts: 65 us a layer in the model against 14 us with a warm
@@ -55,6 +32,81 @@ constexpr int64_t kAhead = 8;
 
 inline void prefetch(const float* p, int64_t D) {
   for (int64_t i = 0; i < D; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+
+// Lanes d .. d + 7 of a row of D floats; past D, zeros (a head dim that is not a multiple of 8).
+inline __m256i tail_mask(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(left, 8))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline __m256 load_d(const float* p, int64_t d, int64_t D) {
+  return d + 8 <= D ? _mm256_loadu_ps(p + d) : _mm256_maskload_ps(p + d, tail_mask(D - d));
+}
+
+// The 8 lane sums of each of v[0..8), as one vector: lane r = ((v[r]_0 + v[r]_1) + (v[r]_2 + v[r]_3)) +
+// ((v[r]_4 + v[r]_5) + (v[r]_6 + v[r]_7)), the same tree for every r.
+inline __m256 hsum8(const __m256 v[8]) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // [0123 of v0..v3 | 4567 of v0..v3]
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// q . k[r] for 8 rows k[r] of D floats: lane l of row r's accumulator sums d = l, l + 8, ... in order, then hsum8.
+// A score's bits depend only on q and its own row, not on the other 7.
+inline __m256 dot8(const float* q, const float* const k[8], int64_t D) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[r] + d), acc[r]);
+  }
+  if (d < D) {
+    const __m256 qv = load_d(q, d, D);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load_d(k[r], d, D), acc[r]);
+  }
+  return hsum8(acc);
+}
+
+// out[d0 .. d0 + 8N) = a * sum_j p[j] v[j][d0 ..] over j < L, each element summed over j in order from 0; the N
+// vectors stay in registers. The last vector may be partial (masked loads and store) when `tail` is set.
+template <int N, bool tail>
+inline void weighted_block(const float* p, const float* const* v, int64_t L, float a, float* out, int64_t d0,
+                           int64_t D) {
+  __m256 acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i mask = tail_mask(D - (d0 + 8 * (N - 1)));
+  for (int64_t j = 0; j < L; ++j) {
+    if (d0 == 0 && j + kAhead < L) prefetch(v[j + kAhead], D);
+    const __m256 pj = _mm256_set1_ps(p[j]);
+    for (int i = 0; i < N; ++i) {
+      const float* x = v[j] + d0 + 8 * i;
+      acc[i] = _mm256_fmadd_ps(pj, tail && i == N - 1 ? _mm256_maskload_ps(x, mask) : _mm256_loadu_ps(x), acc[i]);
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    const __m256 o = _mm256_mul_ps(acc[i], _mm256_set1_ps(a));
+    if (tail && i == N - 1) _mm256_maskstore_ps(out + d0 + 8 * i, mask, o);
+    else _mm256_storeu_ps(out + d0 + 8 * i, o);
+  }
+}
+
+// out[0..D) = a * sum_j p[j] v[j] for j < L: 64 floats at a time, then what is left (the same sums either way).
+inline void weighted_rows(const float* p, const float* const* v, int64_t L, float a, float* out, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weighted_block<8, false>(p, v, L, a, out, d0, D);
+  switch ((D - d0) / 8) {  // whole vectors left: 0 .. 7
+    case 1: weighted_block<1, false>(p, v, L, a, out, d0, D); break;
+    case 2: weighted_block<2, false>(p, v, L, a, out, d0, D); break;
+    case 3: weighted_block<3, false>(p, v, L, a, out, d0, D); break;
+    case 4: weighted_block<4, false>(p, v, L, a, out, d0, D); break;
+    case 5: weighted_block<5, false>(p, v, L, a, out, d0, D); break;
+    case 6: weighted_block<6, false>(p, v, L, a, out, d0, D); break;
+    case 7: weighted_block<7, false>(p, v, L, a, out, d0, D); break;
+  }
+  d0 += (D - d0) / 8 * 8;
+  if (d0 < D) weighted_block<1, true>(p, v, L, a, out, d0, D);  // a head dim that is not a multiple of 8
 }
 
 // e^x for x <= 0, 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-5 polynomial, 2^n in the
@@ -93,39 +145,27 @@ inline float exp_shifted(float* s, int64_t L) {
 
 constexpr int64_t kQueryChunk = 16;  // queries of one sequence and KV head per task (a prefill's parallel grain)
 
-struct Cache {  // the paged K and V caches with one batch's block tables
-  const float *k, *v;
-  const int32_t* tables;
-  int64_t W, BS, KVH, D;
-  const float* row(const float* c, int64_t b, int64_t kvh, int64_t j) const {  // token j of sequence b, head kvh
-    return c + ((int64_t(tables[b * W + j / BS]) * BS + j % BS) * KVH + kvh) * D;
-  }
-};
-
-// The G query heads of KV head kvh for one query of sequence b (q_g at q + g * q_stride) against keys
-// [first, last): out[g] (D floats each) = softmax(s) . V. The G heads run together so that each K/V row is read
-// once per group; s is scratch.
-void attend_query(const Cache& c, int64_t b, int64_t kvh, int64_t first, int64_t last, const float* q,
-                  int64_t q_stride, int64_t G, float sc, float cap, std::vector<float>& s, float* out) {
-  const int64_t L = last - first, Lp = (L + 7) & ~int64_t(7), D = c.D;
-  s.resize(G * Lp + G);
-  float* inv = s.data() + G * Lp;  // 1 / sum_j e_j of each head
-  for (int64_t j = 0; j < L; ++j) {
-    if (j + kAhead < L) prefetch(c.row(c.k, b, kvh, first + j + kAhead), D);
-    const float* kj = c.row(c.k, b, kvh, first + j);
+// The G query heads of one KV head for one query (q_g at q + g * q_stride) against the keys whose K and V rows are
+// k[0..L), v[0..L): out[g] (D floats each) = softmax(s) . V. The G heads share each K/V row while it is in L1;
+// s is scratch.
+void attend_query(const float* const* k, const float* const* v, int64_t L, const float* q, int64_t q_stride,
+                  int64_t G, int64_t D, float sc, float cap, std::vector<float>& s, float* out) {
+  const int64_t Lp = (L + 7) & ~int64_t(7);
+  s.resize(G * Lp);
+  for (int64_t j = 0; j < L; j += 8) {
+    const float* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = k[std::min(j + r, L - 1)];  // past L: a repeat, its score unused
+    for (int64_t r = j + 8; r < std::min(j + 16, L); ++r) prefetch(k[r], D);  // the next group's rows
     for (int64_t g = 0; g < G; ++g) {
-      const float x = sc * dot(q + g * q_stride, kj, D);
-      s[g * Lp + j] = cap > 0.f ? float(cap * std::tanh(double(x) / cap)) : x;
+      alignas(32) float x[8];
+      _mm256_store_ps(x, _mm256_mul_ps(_mm256_set1_ps(sc), dot8(q + g * q_stride, rows, D)));
+      for (int r = 0; r < 8; ++r) s[g * Lp + j + r] = cap > 0.f ? float(cap * std::tanh(double(x[r]) / cap)) : x[r];
     }
   }
-  for (int64_t g = 0; g < G; ++g) inv[g] = 1.f / exp_shifted(s.data() + g * Lp, L);
-  std::memset(out, 0, G * D * sizeof(float));
-  for (int64_t j = 0; j < L; ++j) {
-    if (j + kAhead < L) prefetch(c.row(c.v, b, kvh, first + j + kAhead), D);
-    const float* vj = c.row(c.v, b, kvh, first + j);
-    for (int64_t g = 0; g < G; ++g) axpy(s[g * Lp + j], vj, out + g * D, D);
+  for (int64_t g = 0; g < G; ++g) {
+    const float sum = exp_shifted(s.data() + g * Lp, L);
+    weighted_rows(s.data() + g * Lp, v, L, 1.f / sum, out + g * D, D);
   }
-  for (int64_t g = 0; g < G; ++g) scale_row(inv[g], out + g * D, D);
 }
 
 void check_cache(const at::Tensor& c, const char* name) {
@@ -213,19 +253,26 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (b, first query) of each chunk
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = cu[b]; i < cu[b + 1]; i += kQueryChunk) chunks.emplace_back(b, i);
-  const Cache cache{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, W, BS, KVH, D};
-  const float *qp = q.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = float(scale), cap = float(softcap);
   parallel_for(int64_t(chunks.size()) * KVH, 1, [&](int64_t task0, int64_t task1) {
-    std::vector<float> s;  // [G, keys] scores, then exponentials
+    std::vector<float> s;                  // [G, keys] scores, then exponentials
+    std::vector<const float*> krow, vrow;  // K and V rows of the sequence's tokens 0 .. n - 1, head kvh
     for (int64_t task = task0; task < task1; ++task) {
       const auto [b, i0] = chunks[task / KVH];
       const int64_t kvh = task % KVH, n = lens[b], L = cu[b + 1] - cu[b];
-      for (int64_t t = i0; t < std::min(i0 + kQueryChunk, cu[b + 1]); ++t) {
+      const int64_t i1 = std::min(i0 + kQueryChunk, cu[b + 1]), last = n - L + (i1 - cu[b]);  // keys < last
+      krow.resize(last), vrow.resize(last);
+      for (int64_t j = 0; j < last; ++j) {
+        const int64_t slot = int64_t(tables[b * W + j / BS]) * BS + j % BS;
+        krow[j] = kp + (slot * KVH + kvh) * D, vrow[j] = vp + (slot * KVH + kvh) * D;
+      }
+      for (int64_t t = i0; t < i1; ++t) {
         const int64_t p = n - L + (t - cu[b]), first = window > 0 ? std::max<int64_t>(0, p + 1 - window) : 0;
-        attend_query(cache, b, kvh, first, p + 1, qp + t * q.stride(0) + kvh * G * q.stride(1), q.stride(1), G, sc,
-                     cap, s, op + (t * H + kvh * G) * D);
+        attend_query(krow.data() + first, vrow.data() + first, p + 1 - first,
+                     qp + t * q.stride(0) + kvh * G * q.stride(1), q.stride(1), G, D, sc, cap, s,
+                     op + (t * H + kvh * G) * D);
       }
     }
   });
