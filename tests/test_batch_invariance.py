@@ -1,6 +1,6 @@
 """Greedy output is the same every time: the same token ids and the same logprobs, bit for bit, whether a request runs
-alone, beside 3 or 7 others, streamed, after its prompt was put in the prefix cache, or prefilled in chunks of 16
-tokens. On CPU every op computes a token's row the same way whatever the step holds (README, "Batch invariance").
+alone, beside 3 or 7 others, streamed, after its prompt was put in the prefix cache, prefilled in chunks of 16
+tokens, or on 1 thread instead of the default. On CPU every op computes a token's row the same way whatever the step holds (README, "Batch invariance").
 
 The default run covers tiny checkpoints (float32 safetensors; GGUF Q8_0, Q4_0, Q4_K) of llama, gemma 3 and mixtral;
 the real SmolLM2 and Gemma 3 files run under `slow`."""
@@ -86,6 +86,8 @@ def assert_invariant(load, prompts=PROMPTS):
         assert concurrently(runner, prompts) == alone, "prefix caching, 8 concurrent"
     with load(prefix_caching=False, max_batched_tokens=16, max_seqs=8) as runner:
         assert concurrently(runner, prompts) == alone, "chunked prefill, 8 concurrent"
+    with load(prefix_caching=False, threads=1) as runner:
+        assert [result(runner, p) for p in prompts[:4]] == alone[:4], "1 thread"
 
 
 def safetensors(path, arch):
