@@ -103,12 +103,13 @@ LINEAR_INLINE void panel(const Args& a, int64_t n0, int64_t n1) {
 
 // The tilings. AVX2 has 16 ymm registers: 4 x 3 accumulators + 3 rows of W + 1 of x. AVX-512VL has 32: 4 x 6. Few
 // rows of x (decode, small batches: memory-bound) get tiles of more rows of W: more of W streamed at once, more
-// independent FMA chains. (Measured at 1 thread, M = 4 and 8: 2 x 8 1.1-1.2x faster than 4 x 6; M = 32: 0.8x.)
+// independent FMA chains: 2 x 8 (AVX-512VL), 2 x 6 (AVX2: 12 accumulators, 2 rows of x, each row of W's vector
+// used at once). (Measured at 1 thread, M = 4 and 8: 2 x 8 1.1-1.2x faster than 4 x 6; M = 32: 0.8x.)
 constexpr int64_t kFewRows = 8;
 
 using PanelFn = void (*)(const Args&, int64_t, int64_t);
 void panel_4x3(const Args& a, int64_t n0, int64_t n1) { panel<4, 3>(a, n0, n1); }
-void panel_2x4(const Args& a, int64_t n0, int64_t n1) { panel<2, 4>(a, n0, n1); }
+void panel_2x6(const Args& a, int64_t n0, int64_t n1) { panel<2, 6>(a, n0, n1); }
 __attribute__((target("avx512f,avx512vl"))) void panel_4x6(const Args& a, int64_t n0, int64_t n1) {
   panel<4, 6>(a, n0, n1);
 }
@@ -129,7 +130,7 @@ bool wide_registers() {
 
 Tiling tiling(int64_t M) {
   static const bool wide = wide_registers();
-  if (M <= kFewRows) return wide ? Tiling{8, panel_2x8} : Tiling{4, panel_2x4};
+  if (M <= kFewRows) return wide ? Tiling{8, panel_2x8} : Tiling{6, panel_2x6};
   return wide ? Tiling{6, panel_4x6} : Tiling{3, panel_4x3};
 }
 
