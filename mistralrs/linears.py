@@ -194,9 +194,9 @@ def cpu_matvec_layout(model: nn.Module) -> nn.Module:
     - projections of one input run as one product (fuse_projections; CPU only, where the engine's decode is
       bound by per-call overhead and the matmul's thread split);
     - every CPU float32 nn.Linear becomes a CpuLinear: its product runs on the kernels' thread team, decode rows
-      by linear_cpu.cpp's gemv, which streams each [N, K] row once (MKL's sgemv read a [K, N] copy 1.3-2.6x faster
-      than [N, K], but chunked over threads either layout was slower than the gemv: SmolLM2 F32, 2 threads, 28 and
-      32 tok/s against 39).
+      by linear_cpu.cpp's tiles over [N, K] rows, which stream several rows of W at once, the same arithmetic for
+      every M (MKL's sgemv read a [K, N] copy 1.3-2.6x faster than [N, K], but chunked over threads either layout
+      was slower than the former gemv: SmolLM2 F32, 2 threads, 28 and 32 tok/s against 39).
     Values, shapes and ties are unchanged."""
     if not any(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers())):
         return model

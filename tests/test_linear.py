@@ -1,5 +1,11 @@
-"""kernels.linear on CPU (linear_cpu.cpp: columns split over the kernels' thread team) against the torch reference;
-the CpuLinear modules the loader swaps in for CPU float32 nn.Linears."""
+"""kernels.linear on CPU (linear_cpu.cpp: rows of W split over the kernels' thread team) against the torch reference;
+its batch invariance (a row's result has the same bits whatever the other rows, M and the thread count); the
+CpuLinear modules the loader swaps in for CPU float32 nn.Linears."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -24,13 +30,58 @@ def with_threads(n: int, fn):
 @pytest.mark.parametrize("layout", ["NK", "KN"], ids=["rows", "transposed-view"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_linear_matches_the_reference(M, K, N, layout, bias):
-    w = torch.randn(N, K) if layout == "NK" else torch.randn(K, N).t()  # rows: the gemv; a view: at::mm chunks
+    w = torch.randn(N, K) if layout == "NK" else torch.randn(K, N).t()  # a view: copied to rows, the same kernel
     b = torch.randn(N) if bias else None
     x = torch.randn(M, K)
     ref = reference.linear(x, w, b)
     for threads in (1, 2, 3):
         out = with_threads(threads, lambda: kernels.linear(x, w, b))
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+# (start, rows) of x[512, K]: single rows, small batches, tiles' tails, unaligned starts, the whole prompt.
+SLICES = [(0, 1), (1, 1), (511, 1), (3, 2), (7, 3), (1, 5), (9, 8), (5, 9), (13, 17), (100, 64), (3, 100), (0, 512)]
+
+
+@pytest.mark.parametrize("K", [100, 576, 1536])
+@pytest.mark.parametrize("N", [45, 70])  # tails of every tiling's rows of W (3, 4, 6, 8)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_each_row_has_the_same_bits_whatever_the_batch_and_the_threads(K, N, bias):
+    """A token's output row is the same alone (decode), in a batch or in a prompt, at any thread count: the row of
+    linear(x) equals the row of linear(x[a:b]) bit for bit."""
+    x, w = torch.randn(512, K), torch.randn(N, K)
+    b = torch.randn(N) if bias else None
+    full = with_threads(1, lambda: kernels.linear(x, w, b))
+    ref = reference.linear(x.double(), w.double(), None if b is None else b.double()).float()
+    torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for threads in (1, 2, 3):
+        assert torch.equal(with_threads(threads, lambda: kernels.linear(x, w, b)), full)
+        for start, rows in SLICES:
+            part = with_threads(threads, lambda: kernels.linear(x[start:start + rows], w, b))
+            assert torch.equal(part, full[start:start + rows]), (threads, start, rows)
+
+
+AVX2_ONLY = """
+import sys, torch
+from mistralrs import kernels
+x, w, b = torch.load(sys.argv[1])
+torch.save([kernels.linear(x[:m], w, b) for m in (1, 3, 8, 9, 512)], sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="one tiling on this CPU")
+def test_avx512_tiles_give_the_avx2_tiles_bits(tmp_path):
+    """With AVX-512VL the tiles are larger (32 registers) but their instructions are AVX2's: the same bits, so the
+    result does not depend on the CPU's extensions either. The AVX2 tiling runs in a subprocess
+    (MISTRALRS_LINEAR_AVX2=1, read once)."""
+    x, w, b = torch.randn(512, 100), torch.randn(70, 100), torch.randn(70)
+    torch.save((x, w, b), tmp_path / "in.pt")
+    env = {**os.environ, "MISTRALRS_LINEAR_AVX2": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", AVX2_ONLY, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")], env=env,
+                   check=True, timeout=600)
+    for avx2, m in zip(torch.load(tmp_path / "out.pt"), (1, 3, 8, 9, 512)):
+        assert torch.equal(kernels.linear(x[:m], w, b), avx2), m
 
 
 def test_linear_keeps_leading_dims_and_other_dtypes_use_the_reference():

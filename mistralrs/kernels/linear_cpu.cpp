@@ -1,16 +1,26 @@
-// CPU float32 linear y[M, N] = x[M, K] @ W[N, K].T (+ b), the rows of W split over the kernels' thread team
-// (threads_cpu.h). Built with the other CPU kernels by kernels/cpu_ext.py; called from kernels/linear_cpu.py.
-// Why: the engine thread runs torch's own ops serially (threads_cpu.cpp says why), so a float model's products
-// get their threads here. Two paths:
-//   gemv  (M < kGemvMaxRows, W rows contiguous: decode) each row of W streamed once against up to 4 rows of x,
-//         AVX2 FMA dot products with the next rows prefetched. Measured on SmolLM2-135M F32 (538 MB a token),
-//         2-core EPYC: 24 tok/s at 1 thread and 28 at 2 as chunks of MKL sgemv, 27 and 39 here.
-//   gemm  (prefill, or W another view) chunks of columns, each one at::mm / at::addmm, which runs serially on a
-//         team thread (MKL's sgemm).
-// Each element of y is computed by one thread in a fixed order, so the result does not depend on the thread count.
+// CPU float32 linear y[M, N] = x[M, K] @ W[N, K].T (+ b), batch invariant: y[m, n] has the same bits whatever M,
+// the other rows of x and the thread count. Built with the other CPU kernels by kernels/cpu_ext.py; called from
+// kernels/linear_cpu.py and decoder_cpu.cpp.
+//
+// Why: with one arithmetic for decode (an AVX2 gemv) and another for prefill (MKL's sgemm), a token's logits
+// differed in the last bits between decoding alone, in a batch and in a prefill, so greedy generation changed with
+// the batch and with the prefix cache. Now every y[m, n] is computed in one order (`finish` below says which): lane
+// l of one 8-lane accumulator sums x[m, k] * w[n, k] over k = l (mod 8), k ascending, one FMA each; hsum
+// (simd_cpu.h) adds the lanes; the K % 8 tail follows in order; then the bias. Only the tile that holds the
+// accumulator changes with M: tiles of R rows of x by C rows of W (R x C accumulators; each vector loaded is used
+// C or R times), the rows of W split over the kernels' thread team (threads_cpu.h), x taken in slabs that stay in
+// L2 while a thread's rows of W go by (as gguf_cpu.cpp's int8 path does). A CPU with AVX-512VL gets tiles twice as
+// large in its 32 ymm registers: the same 256-bit instructions, so the same bits (tests/test_linear.py checks).
+// Another layout of W or x (a transposed view) is copied to rows first, then the same kernel: the same bits too.
+//
+// Measured on SmolLM2-135M shapes (MEASUREMENTS TBD).
 #include <torch/extension.h>
 #include <ATen/record_function.h>
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
 
 #include "simd_cpu.h"
 #include "threads_cpu.h"
@@ -18,56 +28,117 @@
 namespace mistralrs_cpu {
 namespace {
 
-constexpr int64_t kGemvMaxRows = 32;   // more rows: MKL's sgemm, which reuses each weight across rows
-constexpr int64_t kPrefetchRows = 4;   // rows of W read ahead (gguf_cpu.cpp measured the same need)
+// Everything under the panel_* entry points is inlined into them, so that it is compiled for their target (the
+// AVX-512VL ones get 32 registers). For the same reason there are no lambdas on this path.
+#define LINEAR_INLINE inline __attribute__((always_inline))
 
-// out[r] = x[r] . w over K for R rows of x: two accumulators a row (FMA latency), then the scalar tail.
-template <int R>
-void dot_rows(const float* w, const float* const* x, int64_t K, float* out) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = _mm256_setzero_ps(), a1[r] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+// y[m, n] from its accumulator: the lanes in hsum's fixed tree, then the tail k = K8 .. K - 1 in order (one FMA
+// each), then the bias.
+LINEAR_INLINE float finish(__m256 acc, const float* x, const float* w, int64_t K8, int64_t K, const float* bias) {
+  float s = hsum(acc);
+  for (int64_t k = K8; k < K; ++k) s = std::fma(x[k], w[k], s);
+  return bias ? s + *bias : s;
+}
+
+// y[r, c] = x[r] . w[c] for R rows of x (stride sx) and C rows of W (stride sw): acc[r][c] lane l takes
+// x[r, k] * w[c, k] for k = l, l + 8, ... below K8 = K - K % 8. y has stride sy; bias (or null) is the C tile's.
+template <int R, int C>
+LINEAR_INLINE void tile(const float* x, int64_t sx, const float* w, int64_t sw, int64_t K, float* y, int64_t sy,
+                        const float* bias) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t K8 = K & ~int64_t(7);
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * sw + k);
     for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[r] + k), a0[r]);
-      a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x[r] + k + 8), a1[r]);
+      const __m256 xv = _mm256_loadu_ps(x + r * sx + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
     }
   }
-  for (; k + 8 <= K; k += 8) {
-    const __m256 w0 = _mm256_loadu_ps(w + k);
-    for (int r = 0; r < R; ++r) a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x[r] + k), a0[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float s = hsum(_mm256_add_ps(a0[r], a1[r]));
-    for (int64_t j = k; j < K; ++j) s += w[j] * x[r][j];
-    out[r] = s;
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      y[r * sy + c] = finish(acc[r][c], x + r * sx, w + c * sw, K8, K, bias ? bias + c : nullptr);
+}
+
+struct Args {
+  const float *x, *w, *bias;
+  float* y;
+  int64_t M, N, K, sx, sw;  // y is [M, N], contiguous
+};
+
+// Rows [m0, m1) of x against C rows of W from row n: tiles of R rows of x, then of 2 and 1 for the rows left.
+// Returns C.
+template <int R, int C>
+LINEAR_INLINE int64_t rows_of_w(const Args& a, int64_t m0, int64_t m1, int64_t n) {
+  const float* w = a.w + n * a.sw;
+  const float* b = a.bias ? a.bias + n : nullptr;
+  int64_t m = m0;
+  for (; m + R <= m1; m += R) tile<R, C>(a.x + m * a.sx, a.sx, w, a.sw, a.K, a.y + m * a.N + n, a.N, b);
+  if (R > 2 && m + 2 <= m1) tile<2, C>(a.x + m * a.sx, a.sx, w, a.sw, a.K, a.y + m * a.N + n, a.N, b), m += 2;
+  if (m < m1) tile<1, C>(a.x + m * a.sx, a.sx, w, a.sw, a.K, a.y + m * a.N + n, a.N, b);
+  return C;
+}
+
+// x is taken this much at a time: it stays in L2 (Zen 2: 512 KB, Zen 4: 1 MB) while a thread's rows of W go by.
+constexpr int64_t kSlabBytes = 256 << 10;
+
+// Rows [n0, n1) of W, C at a time (where fewer are left, 4, 2, 1), against every row of x, a slab at a time.
+// No software prefetch: the C rows of W a tile streams at once keep the hardware prefetchers busy, and prefetching
+// the next tile's rows made decode slower (M = 1, SmolLM2 shapes, 1 thread: 0.8-0.95x into L1, ~0.95x into L2).
+template <int R, int C>
+LINEAR_INLINE void panel(const Args& a, int64_t n0, int64_t n1) {
+  const int64_t slab = std::max<int64_t>(R, kSlabBytes / std::max<int64_t>(a.K * 4, 1) / R * R);
+  for (int64_t m0 = 0; m0 < a.M; m0 += slab) {
+    const int64_t m1 = std::min(a.M, m0 + slab);
+    for (int64_t n = n0; n < n1;) {
+      if (n + C <= n1) n += rows_of_w<R, C>(a, m0, m1, n);
+      else if (C > 4 && n + 4 <= n1) n += rows_of_w<R, 4>(a, m0, m1, n);
+      else if (n + 2 <= n1) n += rows_of_w<R, 2>(a, m0, m1, n);
+      else n += rows_of_w<R, 1>(a, m0, m1, n);
+    }
   }
 }
 
-void gemv(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), sw = w.stride(0), sx = x.stride(0);
-  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  parallel_for(N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* wn = wp + n * sw;
-      if (n + kPrefetchRows < n1)
-        for (int64_t b = 0; b < K * 4; b += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(wn + kPrefetchRows * sw) + b, _MM_HINT_T0);
-      int64_t m = 0;
-      auto tile = [&](auto rows) {
-        const float* xr[rows];
-        float out[rows];
-        for (int r = 0; r < rows; ++r) xr[r] = xp + (m + r) * sx;
-        dot_rows<rows>(wn, xr, K, out);
-        for (int r = 0; r < rows; ++r) yp[(m + r) * N + n] = out[r];
-        m += rows;
-      };
-      for (; m + 4 <= M;) tile(std::integral_constant<int, 4>());
-      if (m + 2 <= M) tile(std::integral_constant<int, 2>());
-      if (m < M) tile(std::integral_constant<int, 1>());
-    }
+// The tilings. AVX2 has 16 ymm registers: 4 x 3 accumulators + 3 rows of W + 1 of x. AVX-512VL has 32: 4 x 6. Few
+// rows of x (decode, small batches: memory-bound) get tiles of more rows of W: more of W streamed at once, more
+// independent FMA chains: 2 x 8 (AVX-512VL), 2 x 6 (AVX2: 12 accumulators, 2 rows of x, each row of W's vector
+// used at once). (Measured at 1 thread, M = 4 and 8: 2 x 8 1.1-1.2x faster than 4 x 6; M = 32: 0.8x.)
+constexpr int64_t kFewRows = 8;
+
+using PanelFn = void (*)(const Args&, int64_t, int64_t);
+void panel_4x3(const Args& a, int64_t n0, int64_t n1) { panel<4, 3>(a, n0, n1); }
+void panel_2x6(const Args& a, int64_t n0, int64_t n1) { panel<2, 6>(a, n0, n1); }
+__attribute__((target("avx512f,avx512vl"))) void panel_4x6(const Args& a, int64_t n0, int64_t n1) {
+  panel<4, 6>(a, n0, n1);
+}
+__attribute__((target("avx512f,avx512vl"))) void panel_2x8(const Args& a, int64_t n0, int64_t n1) {
+  panel<2, 8>(a, n0, n1);
+}
+
+struct Tiling {
+  int64_t cols;  // C: rows of W per tile
+  PanelFn panel;
+};
+
+// MISTRALRS_LINEAR_AVX2=1 keeps the AVX2 tilings where AVX-512VL is present (the tests compare the two).
+bool wide_registers() {
+  const char* env = std::getenv("MISTRALRS_LINEAR_AVX2");
+  return !(env && std::atoi(env) == 1) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+}
+
+Tiling tiling(int64_t M) {
+  static const bool wide = wide_registers();
+  if (M <= kFewRows) return wide ? Tiling{8, panel_2x8} : Tiling{6, panel_2x6};
+  return wide ? Tiling{6, panel_4x6} : Tiling{3, panel_4x3};
+}
+
+// Tiles of rows of W spread over the team, at least 16 rows of W a task (a task should outlast its dispatch).
+void run(const Args& a) {
+  const Tiling t = tiling(a.M);
+  parallel_for((a.N + t.cols - 1) / t.cols, std::max<int64_t>(1, 16 / t.cols), [&](int64_t t0, int64_t t1) {
+    t.panel(a, t0 * t.cols, std::min(a.N, t1 * t.cols));
   });
 }
 
@@ -77,22 +148,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_cpu() && w.dim() == 2 &&
                   w.scalar_type() == at::kFloat && w.is_cpu() && w.size(1) == x.size(1),
               "linear_cpu: x must be CPU float32 [M, K] and weight CPU float32 [N, K]");
-  const int64_t M = x.size(0), N = w.size(0);
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat),
-              "linear_cpu: bias must be float32 [", N, "]");
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat &&
+                        bias->is_cpu()),
+              "linear_cpu: bias must be CPU float32 [", N, "]");
   RECORD_FUNCTION("mistralrs::linear", {});
   at::Tensor y = at::empty({M, N}, x.options());
   if (y.numel() == 0) return y;
-  if (M < kGemvMaxRows && w.stride(1) == 1 && x.stride(1) == 1) {
-    gemv(x, w, y);
-    return bias ? y.add_(*bias) : y;
-  }
-  // Columns per chunk: enough that MKL's per-call cost (~1 us) stays small against the chunk's K x cols weights.
-  const int64_t grain = std::max<int64_t>(16, (1 << 14) / std::max<int64_t>(x.size(1), 1));
-  parallel_for_torch(N, grain, [&](int64_t n0, int64_t n1) {
-    const at::Tensor wt = w.narrow(0, n0, n1 - n0).t();  // [K, cols]
-    y.narrow(1, n0, n1 - n0).copy_(bias ? at::addmm(bias->narrow(0, n0, n1 - n0), x, wt) : at::mm(x, wt));
-  });
+  // Rows of W and x must be contiguous; another layout (a transposed view) is copied to rows: the same bits.
+  const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous(), wr = w.stride(1) == 1 ? w : w.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  run(Args{xr.data_ptr<float>(), wr.data_ptr<float>(), bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+           M, N, K, xr.stride(0), wr.stride(0)});
   return y;
 }
 
