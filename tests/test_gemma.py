@@ -1,5 +1,5 @@
 """Gemma 2 and Gemma 3 beyond what every architecture's tests check (test_models.py, test_gguf.py): float32 logits
-within 1e-5 of transformers' in prefill and in decode past the sliding window, each config feature parsed as
+within 5e-5 of transformers' in prefill and in decode past the sliding window, each config feature parsed as
 transformers parses it and shown to matter, the Gemma 3 image-text checkpoint's text model in both weight layouts,
 and configs the GGUF format cannot carry."""
 import json
@@ -19,7 +19,9 @@ from mistralrs.models import gemma
 import convert_to_gguf
 from helpers import PROMPT, Driver, all_logits, hf_greedy, hf_model, load, prompt_ids
 
-TOL = 1e-5
+# Logits of scale ~4: our float32 linears sum in linear_cpu.cpp's fixed order, transformers' in MKL's (measured: up
+# to 2.1e-5 apart in prefill, 9e-6 in decode).
+TOL = 5e-5
 
 
 def decode_logits(runner, ids, n):
@@ -33,7 +35,7 @@ def decode_logits(runner, ids, n):
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_prefill_and_decode_logits_within_1e5(tiny_models, arch):
+def test_prefill_and_decode_logits_within_5e5(tiny_models, arch):
     """A 57-token prompt and 24 decode steps against a window of 8: every sliding layer drops keys all along."""
     runner = load(tiny_models[arch], arch, kv_cache_tokens=256, block_size=4)
     ids = prompt_ids(runner)
@@ -114,9 +116,8 @@ def test_config_feature_matches_transformers_and_matters(tiny_models, tmp_path, 
         ref = hf_model(path)(torch.tensor([ids])).logits[0]
     ours = all_logits(runner, ids)
     # Without the soft cap our CPU path runs torch's fused attention, which rounds apart from transformers' eager
-    # matmul by up to 1.2e-5 here (measured).
-    tol = 2e-5 if edits == {"attn_logit_softcapping": None} else TOL
-    assert (ours - ref).abs().max().item() <= tol
+    # matmul too (by up to 1.2e-5 here, measured with MKL's linears on both sides; 1.5e-5 with ours).
+    assert (ours - ref).abs().max().item() <= TOL
     assert (ours - all_logits(base, ids)).abs().max().item() > 1e-3  # the feature is exercised
 
 
