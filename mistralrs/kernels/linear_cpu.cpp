@@ -86,7 +86,7 @@ constexpr int64_t kSlabBytes = 256 << 10;
 
 // Rows [n0, n1) of W, C at a time (where fewer are left, 4, 2, 1), against every row of x, a slab at a time.
 // No software prefetch: the C rows of W a tile streams at once keep the hardware prefetchers busy, and prefetching
-// the next tile's rows made decode slower (M = 1, SmolLM2 shapes, 1 thread: 0.8-0.95x into L1, ~0.95x into L2).
+// the next tile's rows made decode slower (M = 1, SmolLM2 shapes, 1 thread: about 0.8x, into L1 or L2 alike).
 template <int R, int C>
 LINEAR_INLINE void panel(const Args& a, int64_t n0, int64_t n1) {
   const int64_t slab = std::max<int64_t>(R, kSlabBytes / std::max<int64_t>(a.K * 4, 1) / R * R);
@@ -103,8 +103,8 @@ LINEAR_INLINE void panel(const Args& a, int64_t n0, int64_t n1) {
 
 // The tilings. AVX2 has 16 ymm registers: 4 x 3 accumulators + 3 rows of W + 1 of x. AVX-512VL has 32: 4 x 6. Few
 // rows of x (decode, small batches: memory-bound) get tiles of more rows of W: more of W streamed at once, more
-// independent FMA chains: 2 x 8 (AVX-512VL), 2 x 6 (AVX2: 12 accumulators, 2 rows of x, each row of W's vector
-// used at once). (Measured at 1 thread, M = 4 and 8: 2 x 8 1.1-1.2x faster than 4 x 6; M = 32: 0.8x.)
+// independent FMA chains: 2 x 8 (AVX-512VL), 2 x 6 (AVX2: 12 accumulators + 2 rows of x + one vector of W at a
+// time). (Measured at 1 thread, M = 4 and 8: 2 x 8 1.1-1.2x faster than 4 x 6; M = 32: 0.8x.)
 constexpr int64_t kFewRows = 8;
 
 using PanelFn = void (*)(const Args&, int64_t, int64_t);
