@@ -261,7 +261,7 @@ class CausalLM(nn.Module):
     holds a slice of the vocabulary rows of embed_tokens and lm_head (tensor_parallel.py), and `vocab_size` is the
     whole vocabulary's."""
     tp = None
-    decode_layers = None  # CPU: per block, its decode step as one C++ call or None (cpu_decode.attach)
+    decode_layers = None  # CPU: per block, its decode step as one C++ call or None (cpu_decode.add_decode_layers)
 
     def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
                  embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False,

@@ -113,11 +113,11 @@ class Runner:
     """Created by a loader's load(). Thread-safe: send requests from as many threads as you like. Every request
     sent before, during or after close() gets an answer or an exception."""
 
-    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile, threads: int | None = None,
+    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, log: "JsonLines",
                  limits: Limits | None = None, prefix_caching: bool = True, max_batched_tokens: int = 2048):
+        """log: the `logfile` (JsonLines(None): none)."""
         if not isinstance(truncate_sequence, bool):
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
-        threads = cpu_threads(threads)
         self.pipeline = pipeline
         self._profile = None  # the profiler() running on the engine thread, if any
         self.truncate_sequence = truncate_sequence
@@ -132,17 +132,16 @@ class Runner:
         self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size, prefix_caching), max_seqs,
                                    max_batched_tokens, no_kv_cache=mr.no_kv_cache, chunked=not whole_prompts)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
-        self._log = JsonLines(logfile)
+        self._log = log
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
-        log_response = self._log
         self.engine = Engine(pipeline, self.scheduler,
-                             on_response=(lambda r: log_response("response", r)) if logfile is not None else None)
+                             on_response=(lambda r: log("response", r)) if log.path is not None else None)
         # CPU: the kernels' thread team gets the threads, and the engine thread's own torch ops run on it alone
         # (kernels/threads_cpu.cpp says why). Elsewhere torch's count, which belongs to the thread that sets it.
         if mr.device.type == "cpu":
-            self.engine.call(lambda: kernels.set_cpu_threads(threads))
+            self.engine.call(lambda: kernels.set_cpu_threads(pipeline.threads))
         else:
-            self.engine.call(lambda: torch.set_num_threads(threads))
+            self.engine.call(lambda: torch.set_num_threads(pipeline.threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
         if not isinstance(request, ChatCompletionRequest):

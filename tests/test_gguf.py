@@ -24,7 +24,7 @@ from mistralrs.linears import QuantEmbedding, QuantLinear
 from mistralrs.load.gguf import read_gguf
 from mistralrs.load.gguf_model import load_gguf_model, resident_bytes
 from mistralrs.load.gguf_tokenizer import tokenizer_from_gguf
-from mistralrs.loader import check_architecture
+from mistralrs.load.model import check_architecture
 
 import convert_to_gguf as convert
 from helpers import ARCHS, KV, PROMPT, TEXTS, greedy
@@ -324,7 +324,7 @@ def rewrite(src: Path, dst: Path, *, drop=lambda key: False, edit=lambda key, va
 def load_file(path, arch="llama"):
     """Everything the loader does with the file, without a Runner."""
     f = read_gguf(path)
-    check_architecture(f, ARCHS[arch])
+    check_architecture(f, ARCHS[arch].__name__)
     load_gguf_model(ARCHS[arch].module, f, torch.float32, torch.device("cpu"))
     tokenizer_from_gguf(f.metadata, path)
 

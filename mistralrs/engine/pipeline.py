@@ -21,3 +21,4 @@ class Pipeline:
     repeat_last_n: int
     device: torch.device
     dtype: torch.dtype
+    threads: int  # CPU threads of the engine thread: load's `threads` (a CPU tensor-parallel model's ranks share them)

@@ -96,9 +96,10 @@ def _groups(device: torch.device):
     return None, None
 
 
-def start(loader, world: int, device: torch.device, threads: int, shard_kwargs: dict) -> TensorParallel:
+def start(load_shard, world: int, device: torch.device, threads: int, shard_kwargs: dict) -> TensorParallel:
     """This process's rank: joined to torchrun's (or the script's) process group when there is one, else rank 0 of
-    `world` ranks whose other N - 1 it spawns, each calling loader.load_shard(**shard_kwargs) on its own device."""
+    `world` ranks whose other N - 1 it spawns, each calling load_shard(device=, tp=, **shard_kwargs) on its own
+    device (load_shard: load/model.py's, given the loader; picklable)."""
     if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ:
         return _join_launched(world, device)
     ranks = devices(device, world)
@@ -107,8 +108,8 @@ def start(loader, world: int, device: torch.device, threads: int, shard_kwargs: 
     procs, conns = [], []
     for rank in range(1, world):
         ours, theirs = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(rank, world, store.port, ranks[rank], threads, loader, shard_kwargs,
-                                              theirs), name=f"mistralrs-tp{rank}", daemon=True)
+        p = ctx.Process(target=_worker, args=(rank, world, store.port, ranks[rank], threads, load_shard,
+                                              shard_kwargs, theirs), name=f"mistralrs-tp{rank}", daemon=True)
         p.start()
         theirs.close()
         procs.append(p)
@@ -143,7 +144,7 @@ def _connect(rank: int, world: int, store, device: torch.device, workers: Worker
     return TensorParallel(rank, world, device, *_groups(device), owns_group=True, workers=workers)
 
 
-def _worker(rank: int, world: int, port: int, device: torch.device, threads: int, loader, shard_kwargs: dict,
+def _worker(rank: int, world: int, port: int, device: torch.device, threads: int, load_shard, shard_kwargs: dict,
             conn) -> None:
     """A spawned rank: join the group, load the shard, serve rank 0's steps. A failure before serving goes to rank 0
     through conn; rank 0 leaving (its close, or its death) ends the loop. Ctrl-C is rank 0's to handle: a terminal
@@ -157,7 +158,7 @@ def _worker(rank: int, world: int, port: int, device: torch.device, threads: int
         conn.send(STARTED)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
         tp = _connect(rank, world, store, device)
-        _, model_runner = loader.load_shard(device=device, tp=tp, **shard_kwargs)
+        _, model_runner = load_shard(device=device, tp=tp, **shard_kwargs)
     except BaseException as e:
         conn.send(f"{type(e).__name__}: {e}")
         raise SystemExit(1) from None
