@@ -85,7 +85,7 @@ class ArchLoader:
         `max_stop_strings` and `max_stop_length` (characters of each), `max_prompt_chars` (characters given to the
         tokenizer), `max_template_chars` (characters a chat template may render) and `template_timeout` (seconds
         it may run).
-        `tensor_parallel_size` N > 1 splits the model over N ranks (tensor_parallel.py): this process is rank 0 and
+        `tensor_parallel_size` N > 1 splits the model over N ranks (tensor_parallel/): this process is rank 0 and
         spawns the others, each on its own GPU (cuda:0 .. N-1 from `device`'s index) or on the CPU (gloo); under
         torchrun, every rank's script calls load() and it returns None on ranks > 0 once rank 0 closes its Runner."""
         o = self.options

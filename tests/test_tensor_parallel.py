@@ -18,9 +18,9 @@ import torch
 
 import mistralrs
 from mistralrs import ChatCompletionRequest, QuantizedLoader
-from mistralrs.engine import workers
 from mistralrs.model_args import ModelArgs
-from mistralrs.tensor_parallel import TensorParallelError, check_divisible
+from mistralrs.tensor_parallel import TensorParallelError, workers
+from mistralrs.tensor_parallel.shard import check_divisible
 
 from helpers import ARCHS, KV, greedy, load, prompt_ids
 from helpers import all_logits as logits

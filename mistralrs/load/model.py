@@ -6,7 +6,7 @@ Runner serves (loader.py, the API's classes, checks the arguments and calls load
     passes     over the built model, in the order of model_passes: X-LoRA, tensor parallel, the CPU layouts
     KV cache   sized from kv_cache_tokens or the free memory; every rank of a tensor-parallel model the same
 Weights and the KV cache are checked against the memory the device can still give before they are allocated
-(check_fits). Tensor parallel: load_pipeline starts the ranks (tensor_parallel.py, engine/workers.py), and each
+(check_fits). Tensor parallel: load_pipeline starts the ranks (tensor_parallel/workers.py), and each
 loads its own shard with load_shard.
 """
 import logging
@@ -17,15 +17,16 @@ from functools import partial
 
 import torch
 
-from .. import cpu_decode, tensor_parallel
-from ..engine import workers
+from .. import cpu_decode
 from ..engine.model_runner import ModelRunner
 from ..engine.pipeline import Pipeline
 from ..linears import cpu_matvec_layout
 from ..model_args import check_args, parameter_count, read_json
 from ..models import gemma, llama, mistral, mixtral, phi2
 from ..models.xlora import load_xlora
-from ..tensor_parallel import Shard, TensorParallel, local_args
+from ..tensor_parallel import workers
+from ..tensor_parallel.group import TensorParallel, join_ranks
+from ..tensor_parallel.shard import Shard, local_args
 from . import chat_template, hub
 from .ggml import read_ggml
 from .gguf import read_gguf
@@ -123,7 +124,7 @@ def model_passes(loader, args, tp: TensorParallel | None, *, token, xlora_revisi
             model, loader.module.HF_RENAMES, o.model_id, o.order_file, o.xlora_model_id, args.hidden_size, dtype,
             device, o.tgt_non_granular_index, revision=xlora_revision or "main", token=token))
     if tp is not None:
-        passes.append(lambda model: tensor_parallel.attach(model, tp, args.vocab_size))
+        passes.append(lambda model: join_ranks(model, tp, args.vocab_size))
     return passes + [cpu_matvec_layout, cpu_decode.add_decode_layers]
 
 

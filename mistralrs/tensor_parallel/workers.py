@@ -1,10 +1,10 @@
-"""The ranks of a tensor-parallel model (tensor_parallel.py) and their processes.
+"""The ranks of a tensor-parallel model and their processes.
 
 load(tensor_parallel_size=N) in a plain process makes it rank 0 and spawns ranks 1 .. N-1 (torch.multiprocessing,
 spawn: a fork would copy the caller's threads and CUDA state). Each loads its own shard of the files, then runs in
-ModelRunner.serve() the steps rank 0 broadcasts, until rank 0 closes the model. Launched by torchrun, every process
-runs the caller's script: load() joins the process group torchrun describes (or the one the script made), and on
-ranks > 0 it serves rank 0 and returns None once rank 0 closes its Runner.
+serve() the steps rank 0 broadcasts (group.py) through its model runner's forward, until rank 0 closes the model.
+Launched by torchrun, every process runs the caller's script: load() joins the process group torchrun describes (or
+the one the script made), and on ranks > 0 it serves rank 0 and returns None once rank 0 closes its Runner.
 
 A worker that exits, whatever the cause, is seen by rank 0 at its next collective (gloo and NCCL raise when a peer's
 connection closes) or before its next step (Workers.dead): the model then fails every step with TensorParallelError.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import kernels
-from ..tensor_parallel import TIMEOUT, TensorParallel
+from .group import TIMEOUT, TensorParallel
 
 log = logging.getLogger("mistralrs")
 JOIN_S = 30  # how long close() waits for a worker to exit before it is killed
@@ -165,11 +165,14 @@ def _worker(rank: int, world: int, port: int, device: torch.device, threads: int
     serve(model_runner)
 
 
+@torch.inference_mode()
 def serve(model_runner) -> None:
-    """Run rank 0's steps until it closes the model; then leave the process group."""
+    """Ranks > 0: run the steps rank 0 sends, until it closes the model; then leave the process group."""
     tp = model_runner.tp
     try:
-        model_runner.serve()
+        while (step := tp.receive_step()) is not None:
+            ids, positions, meta, all_logits = step
+            model_runner.run(ids, positions, meta, all_logits)
     except RuntimeError as e:  # rank 0 or another rank is gone: nothing left to serve
         log.error("tensor-parallel rank %d: %s; leaving", tp.rank, e)
     if tp.owns_group:
