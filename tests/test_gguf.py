@@ -480,7 +480,7 @@ def test_q4_k_agrees_with_llama_cpp(tmp_path):
     """Q4_K needs rows of 256 weights, wider than the tiny checkpoints: the demo model (hidden 256) converted as
     llama.cpp's converter would (rows of 704 fall back to Q5_0, as llama.cpp does)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from mistralrs.__main__ import DEMO_MODEL
+    from mistralrs.cli import DEMO_MODEL
     path = convert.convert(DEMO_MODEL, tmp_path / "demo-q4_k.gguf", gguf.GGMLQuantizationType.Q4_K)
     exact_path = convert.convert(DEMO_MODEL, tmp_path / "demo-f32.gguf", gguf.GGMLQuantizationType.F32)
     assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in gguf.GGUFReader(path).tensors) >= 20

@@ -23,7 +23,6 @@ from ..engine.pipeline import Pipeline
 from ..linears import cpu_matvec_layout
 from ..model_args import check_args, parameter_count, read_json
 from ..models import gemma, llama, mistral, mixtral, phi2
-from ..models.xlora import load_xlora
 from ..tensor_parallel import workers
 from ..tensor_parallel.group import TensorParallel, join_ranks
 from ..tensor_parallel.shard import Shard, local_args
@@ -33,6 +32,7 @@ from .gguf import read_gguf
 from .gguf_model import load_gguf_model, resident_bytes
 from .safetensors import load_state, read_safetensors
 from .tokenizer import eos_ids, load_tokenizer, quantized_tokenizer
+from .xlora import load_xlora
 
 log = logging.getLogger("mistralrs")
 CPU_KV_CACHE_TOKENS = 8192
