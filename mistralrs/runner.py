@@ -128,9 +128,9 @@ class Runner:
             raise TypeError(f"prefix_caching must be a bool, got {prefix_caching!r}")
         if not isinstance(max_batched_tokens, int) or isinstance(max_batched_tokens, bool) or max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be an int >= 1, got {max_batched_tokens!r}")
-        whole_prompts = getattr(mr.model, "whole_prompt_steps", False)
         self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size, prefix_caching), max_seqs,
-                                   max_batched_tokens, no_kv_cache=mr.no_kv_cache, chunked=not whole_prompts)
+                                   max_batched_tokens, no_kv_cache=mr.no_kv_cache,
+                                   chunked=not pipeline.whole_prompt_steps)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
         self._log = log
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
@@ -162,7 +162,6 @@ class Runner:
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
         req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
                          stop_token_ids=request.stop_token_ids or [], stop_strings=stops, logprobs=request.logprobs)
-        self._grammar(req, request)
         return self._submit(req, request)
 
     def send_completion_request(self, request: CompletionRequest):
@@ -178,16 +177,9 @@ class Runner:
         # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
         params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
         req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=stops, logprobs=False)
-        req.echo = request.prompt if request.echo_prompt else ""
-        self._grammar(req, request)
-        req.suffix = request.suffix or ""
+                         stop_token_ids=[], stop_strings=stops, logprobs=False,
+                         echo=request.prompt if request.echo_prompt else "", suffix=request.suffix or "")
         return self._submit(req, request)
-
-    def _grammar(self, req: Request, request) -> None:
-        if request.grammar is not None:
-            for seq in req.seqs:
-                seq.matcher = self.grammars.matcher(request.grammar, request.grammar_type)
 
     def abort(self, request_id: str) -> None:
         """End a request in flight: its caller gets RequestAborted (a stream's reader, from next()), its sequences
@@ -307,24 +299,28 @@ class Runner:
         return ids
 
     def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings,
-              logprobs: bool) -> Request:
+              logprobs: bool, echo: str = "", suffix: str = "") -> Request:
+        """The request and its n_seqs sequences, every field set here: the prompt fitted to the model, the length
+        limit, a generator per choice, the stop tables and a grammar matcher per choice."""
         ids = self._fit_prompt(ids, r.max_tokens)
         max_len = self.pipeline.max_model_len
         if r.max_tokens is not None:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
-        rid = r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        req = Request(chat=chat, id=rid, seqs=[], n_return=n_return, stream=r.stream, logprobs=logprobs,
-                      deadline=None if r.timeout is None else time.monotonic() + r.timeout)
+        created, deadline = int(time.time()), None if r.timeout is None else time.monotonic() + r.timeout
         stops = StopStrings(stop_strings) if stop_strings else None  # the tables once, a matcher per choice
+        seqs = []
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
-            req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
-                                     params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
-                                     stops=stops.fresh() if stops else None,
-                                     prefix_offset=len(ids), read_offset=len(ids)))
-        return req
+            matcher = None if r.grammar is None else self.grammars.matcher(r.grammar, r.grammar_type)
+            seqs.append(Sequence(tokens=list(ids), index=i, prompt_len=len(ids), max_len=max_len, params=params,
+                                 generator=gen, stop_token_ids=frozenset(stop_token_ids), matcher=matcher,
+                                 stops=stops.fresh() if stops else None, prefix_offset=len(ids),
+                                 read_offset=len(ids)))
+        return Request(chat=chat, id=r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                       seqs=seqs, n_return=n_return, stream=r.stream, logprobs=logprobs, created=created, echo=echo,
+                       suffix=suffix, deadline=deadline)
 
     def _submit(self, req: Request, request):
         self._log("request", repr(request))

@@ -28,13 +28,17 @@ def decode(ids: list[int]) -> str:
 
 def make_request(n=1, n_return=None, stream=False, chat=False, logprobs=False, stop=(), max_tokens=64) -> Request:
     prompt = TOKENIZER.encode(PROMPT).ids
-    req = Request(chat=chat, id="cmpl-test", seqs=[], n_return=n_return or n, stream=stream, logprobs=logprobs,
-                  created=1700000000)
-    for i in range(n):
-        req.seqs.append(Sequence(tokens=list(prompt), group=req, index=i, prompt_len=len(prompt),
-                                 max_len=len(prompt) + max_tokens, prefix_offset=len(prompt),
-                                 read_offset=len(prompt), stops=StopStrings(list(stop)) if stop else None))
-    return req
+    seqs = [Sequence(tokens=list(prompt), index=i, prompt_len=len(prompt), max_len=len(prompt) + max_tokens,
+                     prefix_offset=len(prompt), read_offset=len(prompt),
+                     stops=StopStrings(list(stop)) if stop else None) for i in range(n)]
+    return Request(chat=chat, id="cmpl-test", seqs=seqs, n_return=n_return or n, stream=stream, logprobs=logprobs,
+                   created=1700000000)
+
+
+def advance(out: Output, seq: Sequence, token: int, logprob, top) -> str | None:
+    """The token joins seq (the scheduler's postprocess, in the engine), then the output side takes it."""
+    seq.tokens.append(token)
+    return out.advance(seq, logprob, top)
 
 
 def feed(out: Output, seq: Sequence, ids: list[int], logprob=-0.5):
@@ -42,7 +46,7 @@ def feed(out: Output, seq: Sequence, ids: list[int], logprob=-0.5):
     and the number of tokens taken before the sequence finished."""
     chunks = []
     for taken, t in enumerate(ids, 1):
-        reason = out.advance(seq, t, logprob, [])
+        reason = advance(out, seq, t, logprob, [])
         seq.finish_reason = reason
         if seq.group.stream:
             chunks.append(out.chunk(seq))
@@ -130,7 +134,7 @@ def test_partial_utf8_is_held_until_its_character_is_whole(out):
     seq = req.seqs[0]
     texts = []
     for t in ids:
-        out.advance(seq, t, -0.1, [])
+        advance(out, seq, t, -0.1, [])
         c = out.chunk(seq)
         texts.append(seq.text)
         assert "\ufffd" not in seq.text, pieces
@@ -174,7 +178,7 @@ def test_chat_stream_chunks_and_logprobs(out):
     seq = req.seqs[0]
     chunks = []
     for t in ids:
-        seq.finish_reason = out.advance(seq, t, -0.25, [(t, -0.25)])
+        seq.finish_reason = advance(out, seq, t, -0.25, [(t, -0.25)])
         c = out.chunk(seq)
         if c is not None:
             chunks.append(ChatCompletionChunk.model_validate(c))

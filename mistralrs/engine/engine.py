@@ -1,7 +1,7 @@
 """The engine thread: it owns the model and turns queued requests into replies.
 
-inbox -> scheduler -> model step -> sample -> output.py (detokenize, stop checks, JSON) -> each request's reply
-queue / stream
+inbox -> scheduler -> model step -> sample -> scheduler.postprocess (the tokens join their sequences) -> output.py
+(detokenize, stop checks, JSON) -> each request's reply queue / stream
 
 Callers talk to it only through the inbox: requests, aborts (a closed stream, Runner.abort, a timeout), calls and
 STOP. The inbox is a SimpleQueue, whose put() is safe from __del__ (a dropped streamer aborts its request there).
@@ -168,35 +168,33 @@ class Engine:
 
     def _step(self) -> None:
         with phase("mistralrs.schedule"):
-            step = self.scheduler.schedule()
-            for seq in step.too_long:
+            batch = self.scheduler.schedule()
+            for seq in batch.too_long:
                 self._finish(seq, "length")
-        if not step.seqs:
+        if not batch.seqs:
             return
-        batch = step.seqs
         try:
             with phase("mistralrs.forward"):
-                logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch), step.num_tokens)
+                logits = self.pipeline.model_runner.step(batch.seqs, self.scheduler.block_tables(batch.seqs),
+                                                         batch.num_tokens)
         except Exception as e:  # a failed forward fails only the requests it touched
             log.exception("engine step failed")
-            for req in {s.group for s in batch}:
+            for req in {s.group for s in batch.seqs}:
                 if not req.answered:
                     self._fail(req, e)
             return
-        # a prompt prefilled in chunks samples only after its last chunk
-        done = [i for i, s in enumerate(batch) if s.num_cached == len(s.tokens)]
-        if len(done) < len(batch):
-            batch, logits = [batch[i] for i in done], logits[done]
-        if not batch:
-            return
+        sampling = [batch.seqs[i] for i in batch.sampled]  # a prompt prefilled in chunks samples after its last
+        if len(sampling) < len(batch.seqs):
+            logits = logits[batch.sampled]
         with phase("mistralrs.sample"):
-            sampled = self._sample(batch, logits)
+            sampled = self._sample(sampling, logits) if sampling else []
+        self.scheduler.postprocess(batch, [tok for tok, _, _ in sampled])
         with phase("mistralrs.detokenize"):
-            for seq, (tok, lp, top) in zip(batch, sampled):
+            for seq, (_, lp, top) in zip(sampling, sampled):
                 if seq.group.answered:  # failed in sampling, or an earlier sequence of its request failed
                     continue
                 try:
-                    reason = self.output.advance(seq, tok, lp, top)
+                    reason = self.output.advance(seq, lp, top)
                     if reason is not None:
                         self._finish(seq, reason)
                     elif seq.group.stream:

@@ -1,50 +1,42 @@
 """One forward step over a batch of sequences: new tokens and their block tables in, logits out, the paged KV cache
-updated. The scheduler has already given every sequence the blocks its tokens need (block_manager.py).
+updated. The scheduler has already given every sequence the blocks its tokens need (block_manager.py), and advances
+num_cached after the step (Scheduler.postprocess): the model runner reads sequences and writes none of their fields.
 
 Tensor parallel, rank 0's model runner broadcasts each step's ints (metadata_lists) before its forward, and the
 other ranks run the same forward on them (tensor_parallel/group.py has the wire format, workers.py their loop)."""
 from array import array
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
 from ..layers import AttentionMetadata, CausalLM
+from .sequence import Sequence
 
 INT_TYPES = {"q": torch.int64, "i": torch.int32}  # array typecodes: C long long, C int
 
 
-@dataclass(eq=False)  # compared and hashed by identity: the block manager keys block tables by sequence
-class SeqState:
-    """What the model runner needs of a sequence: its tokens and how many of them the KV cache holds. num_cached is
-    advanced by the model runner after the forward that wrote those tokens' K/V, and reset by the scheduler when it
-    releases the sequence's blocks."""
-    tokens: list[int]
-    num_cached: int = 0
-    model_state: object = None  # the model's own per-sequence state (X-LoRA: frozen scalings); only it reads this
-
-
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                 no_kv_cache: bool = False, tp=None):
+                 no_kv_cache: bool = False, tp=None, per_sequence_state: bool = False):
         """kv_caches: per layer, K and V [NB, BS, KVH, D]. no_kv_cache is the loader's option, handed on to the
         Runner's scheduler, which acts on it: the forward is the same either way. tp: this process's rank of a
-        tensor-parallel model (tensor_parallel.group.TensorParallel), None for a model on one device."""
+        tensor-parallel model (tensor_parallel.group.TensorParallel), None for a model on one device.
+        per_sequence_state: the model keeps state per sequence (X-LoRA, in seq.model_state), so its step() takes
+        the batch's sequences too; any other model is a function of its inputs."""
         self.model, self.kv_caches, self.device, self.no_kv_cache, self.tp = model, kv_caches, device, no_kv_cache, tp
         self.num_blocks, self.block_size = kv_caches[0][0].shape[:2]
         self.weight_bytes: list[int] | None = None  # resident weight bytes of each rank, set by the loader
-        # A model that keeps state per sequence (X-LoRA, in seq.model_state) has a step() that takes the batch's
-        # sequences too; a CausalLM is a function of its inputs. (CausalLM itself has no step(): layers.py is shared
-        # by every architecture and has no reason to know about sequences.)
-        self.forward = model.step if hasattr(model, "step") else (
+        # (CausalLM has no step(): layers.py is shared by every architecture and has no reason to know sequences.)
+        self.forward = model.step if per_sequence_state else (
             lambda ids, positions, meta, kv_caches, seqs: model(ids, positions, meta, kv_caches))
 
-    def metadata_lists(self, seqs: list[SeqState], block_tables: list[list[int]], lens: list[int]
+    def metadata_lists(self, seqs: list[Sequence], block_tables: list[list[int]], lens: list[int]
                        ) -> tuple[list[int], ...]:
         """The ints of a step, in tensor_parallel.group.STEP_LISTS' order, for tokens num_cached .. lens[i] - 1 of
         each sequence (all its uncached tokens, or a chunk of a prompt): ids, positions, cache slots, the block
         tables [B, width] row-major (each padded with block 0, never read: past context_lens), the context lengths
-        and the offsets of each sequence's tokens. On the decode hot path (one new token per sequence) each list is one pass over the sequences."""
+        and the offsets of each sequence's tokens. On the decode hot path (one new token per sequence) each list is
+        one pass over the sequences."""
         BS = self.block_size
         new = [n - s.num_cached for s, n in zip(seqs, lens)]
         if new.count(1) == len(new):  # decode (or chunks of one token)
@@ -65,7 +57,7 @@ class ModelRunner:
             tables += [0] * (width - len(table))
         return ids, positions, slots, tables, lens, cu
 
-    def metadata(self, seqs: list[SeqState], block_tables: list[list[int]], lens: list[int]
+    def metadata(self, seqs: list[Sequence], block_tables: list[list[int]], lens: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Input ids, positions and attention metadata of the step metadata_lists describes."""
         ids, positions, slots, tables, lens, cu = self.metadata_lists(seqs, block_tables, lens)
@@ -83,7 +75,7 @@ class ModelRunner:
         return x if self.device.type == "cpu" else x.to(self.device)
 
     @torch.inference_mode()
-    def step(self, seqs: list[SeqState], block_tables: list[list[int]], num_tokens: list[int] | None = None,
+    def step(self, seqs: list[Sequence], block_tables: list[list[int]], num_tokens: list[int] | None = None,
              all_logits: bool = False) -> torch.Tensor:
         """Run the next num_tokens[i] uncached tokens of each sequence (default: all); logits [B, V] at each one's
         last computed token, or [T, V] for all of them. block_tables[i]: the blocks of seqs[i], enough for them."""
@@ -94,10 +86,7 @@ class ModelRunner:
         else:
             self.tp.check()
             ids, positions, meta = self.tp.send_step(self.metadata_lists(seqs, block_tables, lens), all_logits)
-        logits = self.run(ids, positions, meta, all_logits, seqs)
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-        return logits
+        return self.run(ids, positions, meta, all_logits, seqs)
 
     def run(self, ids, positions, meta: AttentionMetadata, all_logits: bool, seqs=None) -> torch.Tensor | None:
         """The forward of a step's inputs: logits of each sequence's last token, or of every token (None on a

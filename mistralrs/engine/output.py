@@ -1,8 +1,8 @@
 """The engine's output side: a sampled token becomes text, meets the stop checks, and leaves in an OpenAI body.
 
-advance(seq, token): the token joins the sequence; EOS, stop tokens, the grammar's end, the length limit and stop
-strings decide whether it finishes. chunk(seq): a stream's next chunk, holding back text that may still turn into a
-stop string. response(req): the final response once every sequence of the request has finished.
+advance(seq): the sequence's new last token (Scheduler.postprocess appended it) extends its text; EOS, stop tokens,
+the grammar's end, the length limit and stop strings decide whether it finishes. chunk(seq): a stream's next chunk,
+holding back text that may still turn into a stop string. response(req): the final response once every sequence of the request has finished.
 """
 from .. import responses
 from .sequence import Request, Sequence
@@ -12,10 +12,11 @@ class Output:
     def __init__(self, tokenizer, model_id: str, eos_token_ids):
         self.tokenizer, self.model_id, self.eos_token_ids = tokenizer, model_id, eos_token_ids
 
-    def advance(self, seq: Sequence, token: int, logprob: float | None, top) -> str | None:
-        """Append a sampled token to seq and extend its text; the finish reason when the token ends it.
-        logprob is None when the request needs none (no logprobs reported, no best_of ranking)."""
-        seq.tokens.append(token)
+    def advance(self, seq: Sequence, logprob: float | None, top) -> str | None:
+        """Extend seq's text with its newly sampled last token; the finish reason when the token ends it. logprob
+        (and top, its top_logprobs pairs) is None when the request needs none (no logprobs reported, no best_of
+        ranking)."""
+        token = seq.tokens[-1]
         if logprob is not None:
             seq.cum_logprob += logprob
         if seq.group.logprobs:

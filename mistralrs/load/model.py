@@ -63,7 +63,7 @@ def load_pipeline(loader, *, device: torch.device, threads: int, tensor_parallel
         special_tokens=special, eos_token_ids=eos_ids(loaded.tokenizer, special, *loaded.eos_configs),
         max_model_len=loaded.args.max_position_embeddings, vocab_size=loaded.args.vocab_size,
         repeat_last_n=loader.options.repeat_last_n, device=model_runner.device, dtype=shard["dtype"],
-        threads=threads)
+        threads=threads, whole_prompt_steps=loader.options.kind.is_xlora and model_runner.model.whole_prompt_steps)
 
 
 def start_tensor_parallel(loader, n, device: torch.device, threads: int, shard: dict) -> TensorParallel | None:
@@ -103,7 +103,7 @@ def load_shard(loader, *, token, revision, quantized_revision, xlora_revision, d
     args = local_args(loaded.args, tp.world) if tp is not None else loaded.args
     kv_sets = 2 if o.kind.is_xlora else 1  # X-LoRA: the scaling pass's K/V and the real pass's (models/xlora.py)
     blocks = kv_cache(args, dtype, device, kv_cache_tokens, block_size, kv_sets, tp)
-    model_runner = ModelRunner(model, blocks, device, o.no_kv_cache, tp)
+    model_runner = ModelRunner(model, blocks, device, o.no_kv_cache, tp, per_sequence_state=o.kind.is_xlora)
     weights = resident_bytes(model)
     model_runner.weight_bytes = tp.gather_ints(weights) if tp is not None else [weights]
     if tp is not None:
