@@ -1,5 +1,7 @@
 """Runner: requests in, OpenAI JSON out. The caller's thread validates, renders the chat template, tokenizes and
-builds the request's sequences; the engine thread (engine.py) serves them."""
+builds the request's sequences; the engine thread (engine.py) serves them and queues neutral records (deltas, a final
+record); the caller's thread makes the OpenAI bodies of them (responses.py), logs them, and makes the JSON text once.
+chat_completion() and completion() hand the bodies over as dicts (the server serialises them itself)."""
 import contextlib
 import json
 import logging
@@ -12,7 +14,7 @@ import uuid
 
 import torch
 
-from . import kernels
+from . import kernels, responses
 from .engine.block_manager import BlockManager
 from .engine.engine import END, STOP, Engine
 from .engine.grammar import GrammarCompiler
@@ -36,20 +38,35 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class ChatCompletionStreamer:
-    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished.
-    `id` is the request's id (its chunks' `id`). close() (also on garbage collection and at the end of a `with`
-    block) aborts the request: its sequences stop and free their KV blocks at the engine's next step."""
+    """Iterator of OpenAI chunk JSON strings, one per delta the engine queues; ends once every choice has finished.
+    bodies() gives the same chunks as dicts. `id` is the request's id (its chunks' `id`). close() (also on garbage
+    collection and at the end of a `with` block) aborts the request: its sequences stop and free their KV blocks at
+    the engine's next step."""
 
-    def __init__(self, req: Request, engine: Engine):
+    def __init__(self, req: Request, engine: Engine, reply: responses.Reply, log: "JsonLines"):
         self.id, self._out, self._deadline, self._engine = req.id, req.out, req.deadline, engine
+        self._reply, self._log = reply, log
+        self._started: set[int] = set()  # choices that have had a chunk: a choice's first chunk differs
         self._done = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        if self._done:
+        body = self._next_body()
+        if body is None:
             raise StopIteration
+        return json.dumps(body)
+
+    def bodies(self):
+        """The chunks as dicts, for a reader that serialises them itself (the server)."""
+        while (body := self._next_body()) is not None:
+            yield body
+
+    def _next_body(self) -> dict | None:
+        """The next chunk's body, None at the end."""
+        if self._done:
+            return None
         try:  # the timeout covers the request as its reader sees it: chunks queued past it are not handed out
             if _remaining(self._deadline) == 0:
                 raise queue.Empty
@@ -59,11 +76,18 @@ class ChatCompletionStreamer:
             raise TimeoutError(f"request {self.id} did not finish within its timeout") from None
         if item is END:
             self._done = True
-            raise StopIteration
+            return None
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        return json.dumps(item)
+        try:
+            body = responses.chunk(self._reply, item, first=item.index not in self._started)
+        except BaseException:  # a failure here fails the request, as one on the engine thread would
+            self._abort(None)
+            raise
+        self._started.add(item.index)
+        self._log("response", body)
+        return body
 
     def _abort(self, error) -> None:
         if not self._done:
@@ -134,8 +158,7 @@ class Runner:
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
         self._log = log
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
-        self.engine = Engine(pipeline, self.scheduler,
-                             on_response=(lambda r: log("response", r)) if log.path is not None else None)
+        self.engine = Engine(pipeline, self.scheduler)
         # CPU: the kernels' thread team gets the threads, and the engine thread's own torch ops run on it alone
         # (kernels/threads_cpu.cpp says why). Elsewhere torch's count, which belongs to the thread that sets it.
         if mr.device.type == "cpu":
@@ -144,6 +167,14 @@ class Runner:
             self.engine.call(lambda: torch.set_num_threads(pipeline.threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
+        return _json(self.chat_completion(request))
+
+    def send_completion_request(self, request: CompletionRequest):
+        return _json(self.completion(request))
+
+    def chat_completion(self, request: ChatCompletionRequest) -> "dict | ChatCompletionStreamer":
+        """send_chat_completion_request's answer before its JSON text: the response body as a dict, or the streamer
+        (whose bodies() gives its chunks as dicts), for a caller that serialises them itself (the server)."""
         if not isinstance(request, ChatCompletionRequest):
             raise TypeError(f"expected a ChatCompletionRequest, got {type(request).__name__}")
         request = request.frozen()  # from here on, what the caller does to its object cannot reach the engine
@@ -160,11 +191,13 @@ class Runner:
         self._check_stops(stops)
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
-        req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=stops, logprobs=request.logprobs)
-        return self._submit(req, request)
+        req, reply = self._make(True, request, ids, params, request.n_choices, request.n_choices,
+                                stop_token_ids=request.stop_token_ids or [], stop_strings=stops,
+                                logprobs=request.logprobs)
+        return self._submit(req, reply, request)
 
-    def send_completion_request(self, request: CompletionRequest):
+    def completion(self, request: CompletionRequest) -> "dict | ChatCompletionStreamer":
+        """send_completion_request's answer before its JSON text (see chat_completion)."""
         if not isinstance(request, CompletionRequest):
             raise TypeError(f"expected a CompletionRequest, got {type(request).__name__}")
         request = request.frozen()
@@ -176,10 +209,10 @@ class Runner:
         ids = self._encode(request.prompt, add_special_tokens=True)
         # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
         params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
-        req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=stops, logprobs=False,
-                         echo=request.prompt if request.echo_prompt else "", suffix=request.suffix or "")
-        return self._submit(req, request)
+        req, reply = self._make(False, request, ids, params, max(request.best_of, request.n_choices),
+                                request.n_choices, stop_token_ids=[], stop_strings=stops, logprobs=False,
+                                echo=request.prompt if request.echo_prompt else "", suffix=request.suffix or "")
+        return self._submit(req, reply, request)
 
     def abort(self, request_id: str) -> None:
         """End a request in flight: its caller gets RequestAborted (a stream's reader, from next()), its sequences
@@ -299,9 +332,9 @@ class Runner:
         return ids
 
     def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings,
-              logprobs: bool, echo: str = "", suffix: str = "") -> Request:
-        """The request and its n_seqs sequences, every field set here: the prompt fitted to the model, the length
-        limit, a generator per choice, the stop tables and a grammar matcher per choice."""
+              logprobs: bool, echo: str = "", suffix: str = "") -> tuple[Request, responses.Reply]:
+        """The request and its n_seqs sequences, every field set here (the prompt fitted to the model, the length
+        limit, a generator per choice, the stop tables and a grammar matcher per choice), and what its bodies say."""
         ids = self._fit_prompt(ids, r.max_tokens)
         max_len = self.pipeline.max_model_len
         if r.max_tokens is not None:
@@ -318,15 +351,17 @@ class Runner:
                                  generator=gen, stop_token_ids=frozenset(stop_token_ids), matcher=matcher,
                                  stops=stops.fresh() if stops else None, prefix_offset=len(ids),
                                  read_offset=len(ids)))
-        return Request(chat=chat, id=r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                       seqs=seqs, n_return=n_return, stream=r.stream, logprobs=logprobs, created=created, echo=echo,
-                       suffix=suffix, deadline=deadline)
+        rid = r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        reply = responses.Reply(chat=chat, id=rid, model=self.pipeline.model_id, created=created,
+                                tokenizer=self.pipeline.tokenizer, echo=echo, suffix=suffix)
+        return Request(id=rid, seqs=seqs, n_return=n_return, stream=r.stream, logprobs=logprobs,
+                       deadline=deadline), reply
 
-    def _submit(self, req: Request, request):
+    def _submit(self, req: Request, reply: responses.Reply, request) -> "dict | ChatCompletionStreamer":
         self._log("request", repr(request))
         self.engine.submit(req)
         if req.stream:
-            return ChatCompletionStreamer(req, self.engine)
+            return ChatCompletionStreamer(req, self.engine, reply, self._log)
         try:
             result = req.out.get(timeout=_remaining(req.deadline))
         except queue.Empty:
@@ -339,7 +374,14 @@ class Runner:
             raise RequestAborted(f"request {req.id} was aborted")
         if isinstance(result, BaseException):
             raise result
-        return json.dumps(result)
+        body = responses.response(reply, result)
+        self._log("response", body)
+        return body
+
+
+def _json(answer):
+    """A response body as JSON text; a streamer as it is (it makes each chunk's text)."""
+    return answer if isinstance(answer, ChatCompletionStreamer) else json.dumps(answer)
 
 
 class JsonLines:

@@ -1,7 +1,8 @@
 """The engine thread: it owns the model and turns queued requests into replies.
 
 inbox -> scheduler -> model step -> sample -> scheduler.postprocess (the tokens join their sequences) -> output.py
-(detokenize, stop checks, JSON) -> each request's reply queue / stream
+(detokenize, stop checks) -> neutral records (output.Delta, output.Final) on each request's queue; the caller's thread
+makes API bodies and JSON of them (runner.py, responses.py)
 
 Callers talk to it only through the inbox: requests, aborts (a closed stream, Runner.abort, a timeout), calls and
 STOP. The inbox is a SimpleQueue, whose put() is safe from __del__ (a dropped streamer aborts its request there).
@@ -54,10 +55,9 @@ def _stop_at_exit() -> None:
 
 
 class Engine:
-    def __init__(self, pipeline, scheduler: Scheduler, on_response=None):
-        """on_response(dict) sees every response and chunk sent (the Runner's logfile)."""
-        self.pipeline, self.scheduler, self.on_response = pipeline, scheduler, on_response
-        self.output = Output(pipeline.tokenizer, pipeline.model_id, pipeline.eos_token_ids)
+    def __init__(self, pipeline, scheduler: Scheduler):
+        self.pipeline, self.scheduler = pipeline, scheduler
+        self.output = Output(pipeline.tokenizer, pipeline.eos_token_ids)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, Request] = {}  # requests in flight by id; the engine thread's alone
         self.timed: set[Request] = set()     # those of them with a deadline (most steps have none to check)
@@ -99,12 +99,9 @@ class Engine:
             self.thread.join(timeout)
 
     def _send(self, req: Request, item) -> None:
-        """Queue a response or chunk body (a dict, made JSON by the caller's thread), END, or an error."""
-        if item is None:  # a stream chunk with nothing to say
-            return
-        if isinstance(item, dict) and self.on_response is not None:
-            self.on_response(item)
-        req.out.put(item)
+        """Queue a record (a stream's Delta, a Final), END, or an error."""
+        if item is not None:  # None: a delta with nothing to say
+            req.out.put(item)
 
     def _loop(self) -> None:
         while True:
@@ -198,7 +195,7 @@ class Engine:
                     if reason is not None:
                         self._finish(seq, reason)
                     elif seq.group.stream:
-                        self._send(seq.group, self.output.chunk(seq))
+                        self._send(seq.group, self.output.delta(seq))
                 except Exception as e:  # fails this request alone
                     log.exception("output of request %s failed", seq.group.id)
                     self._fail(seq.group, e)
@@ -233,9 +230,9 @@ class Engine:
         self.scheduler.remove(seq)
         req = seq.group
         if req.stream:
-            self._send(req, self.output.chunk(seq))
+            self._send(req, self.output.delta(seq))
         if all(s.finished for s in req.seqs):
-            self._send(req, END if req.stream else self.output.response(req))
+            self._send(req, END if req.stream else self.output.final(req))
             req.answered = True
             self._forget(req)
 

@@ -1,8 +1,9 @@
 """A sequence (one choice of a request, from its prompt tokens to its finished text) and the request it answers.
 
 Each field that changes while a sequence runs has one writer: the scheduler its tokens and num_cached (admission,
-release, and Scheduler.postprocess after each step), output.py its text side (text, offsets, logprobs), the engine
-its finish_reason, the model its model_state. The model runner only reads sequences."""
+release, and Scheduler.postprocess after each step), output.py its text side (text, offsets, what was sent,
+logprobs, cum_logprob), the engine its finish_reason, the model its model_state. The model runner only reads
+sequences."""
 import queue
 from dataclasses import dataclass, field
 
@@ -30,9 +31,9 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""                    # completion text decided so far (stop strings cut, special tokens skipped)
     streamed: int = 0                 # characters of `text` already sent to a stream
+    tokens_sent: int = 0              # completion tokens (and their `logprobs` entries) already sent to a stream
     prefix_offset: int = 0            # incremental detokenization window: tokens[prefix_offset:read_offset] is
     read_offset: int = 0              # already in `text` (both start at prompt_len)
-    logprobs_streamed: int = 0        # entries of `logprobs` already sent to a stream
 
     @property
     def completion(self) -> list[int]:
@@ -45,20 +46,17 @@ class Sequence:
 
 @dataclass(eq=False)
 class Request:
-    """A request's sequences (its choices, or best_of candidates) and the queue its answers go to."""
-    chat: bool
+    """A request's sequences (its choices, or best_of candidates) and the queue its records go to (output.py's Delta
+    and Final; END; an exception)."""
     id: str
     seqs: list[Sequence]
     n_return: int
     stream: bool
     logprobs: bool
-    created: int
-    echo: str = ""    # completions: the prompt text, put before each choice's text (echo_prompt)
-    suffix: str = ""  # completions: put after each choice's text
     deadline: float | None = None  # time.monotonic() by which it must be done (the request's timeout)
     out: queue.Queue = field(default_factory=queue.Queue)
     failed: bool = False
-    answered: bool = False  # its final response, the stream's end or an error has been sent
+    answered: bool = False  # its Final, the stream's END or an error has been sent
 
     def __post_init__(self):
         for seq in self.seqs:

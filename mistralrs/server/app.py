@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one Runner (uvicorn serves them).
 
     POST /v1/chat/completions, /v1/completions   OpenAI bodies -> ChatCompletionRequest / CompletionRequest; the
-                                                 Runner's JSON back, or server-sent events ending in [DONE]
+                                                 Runner's response body back, or server-sent events of its stream's
+                                                 chunks ending in [DONE] (the Runner hands both over as dicts:
+                                                 each is serialised once, here)
     GET  /v1/models, /health, /metrics           the served model; liveness (503 while loading); prometheus
 
 The Runner calls block, so they run in the thread pool; a stream's chunks are pulled there one by one. A client that
@@ -96,10 +98,10 @@ class Server:
                                             "owned_by": "mistralrs"}]}
 
     async def chat(self, request: Request):
-        return await self._serve(request, chat_request, self.runner.send_chat_completion_request)
+        return await self._serve(request, chat_request, self.runner.chat_completion)
 
     async def completions(self, request: Request):
-        return await self._serve(request, completion_request, self.runner.send_completion_request)
+        return await self._serve(request, completion_request, self.runner.completion)
 
     async def _serve(self, request: Request, make, send):
         try:
@@ -123,9 +125,8 @@ class Server:
         if req.stream:
             return StreamingResponse(self._events(result, include_usage(body), start), headers=headers,
                                      media_type="text/event-stream")
-        out = json.loads(result)
-        self.metrics.served(out.get("usage"), time.perf_counter() - start)
-        return JSONResponse(out, headers=headers)
+        self.metrics.served(result.get("usage"), time.perf_counter() - start)
+        return JSONResponse(result, headers=headers)
 
     async def _body(self, request: Request) -> dict:
         raw = await request.body()
@@ -159,8 +160,7 @@ class Server:
         last = first = None
         body = {}
         try:
-            async for text in iterate_in_threadpool(streamer):
-                body = json.loads(text)
+            async for body in iterate_in_threadpool(streamer.bodies()):
                 now = time.perf_counter()
                 self.metrics.token_gap(now - (last or start), first=first is None)
                 first, last = first or now, now
