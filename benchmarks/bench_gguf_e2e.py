@@ -8,7 +8,7 @@ from conftest import timed
 from gguf import GGMLQuantizationType as Q
 
 import mistralrs
-from mistralrs.__main__ import DEMO_MODEL
+from mistralrs.cli import DEMO_MODEL
 
 TOKENS = 64
 PROMPT = "The import statement"

@@ -29,7 +29,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tools")]
 
 import mistralrs  # noqa: E402
 from mistralrs import CompletionRequest  # noqa: E402
-from mistralrs.__main__ import DEMO_MODEL  # noqa: E402
+from mistralrs.cli import DEMO_MODEL  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 TOKENS = 48

@@ -18,7 +18,7 @@ import torch
 
 import mistralrs
 from mistralrs import CompletionRequest
-from mistralrs.__main__ import ARCHS, DEMO_MODEL
+from mistralrs.cli import ARCHS, DEMO_MODEL
 
 MODEL = os.environ.get("MISTRALRS_BENCH_MODEL", str(DEMO_MODEL))
 ARCH = os.environ.get("MISTRALRS_BENCH_ARCH", "llama")

@@ -25,7 +25,7 @@ class DecodeLayer:
                                   meta.context_lens)
 
 
-def attach(model: nn.Module) -> nn.Module:
+def add_decode_layers(model: nn.Module) -> nn.Module:
     """Set model.decode_layers (a DecodeLayer or None per block) on a CPU CausalLM whose blocks allow one."""
     if not isinstance(model, CausalLM) or model.tp is not None or model.model.norm.weight.device.type != "cpu":
         return model

@@ -28,7 +28,7 @@ class AttentionMetadata:
 
 
 def summed(x: torch.Tensor, tp) -> torch.Tensor:
-    """x summed over the ranks of tensor-parallel model `tp` (tensor_parallel.TensorParallel; None: one rank), where
+    """x summed over the ranks of tensor-parallel model `tp` (tensor_parallel/group.py; None: one rank), where
     each rank's x is a partial sum: the output of a row-parallel projection."""
     return x if tp is None else tp.all_reduce(x)
 
@@ -227,7 +227,7 @@ class SparseMoE(nn.Module):
 
 class PreNormBlock(nn.Module):
     """x + attn(norm(x)), then h + mlp(norm(h)): Llama, Mistral, Gemma, Mixtral."""
-    tp = None  # tensor parallel: attn and mlp give partial sums, added up over the ranks (tensor_parallel.py)
+    tp = None  # tensor parallel: attn and mlp give partial sums, added up over the ranks (tensor_parallel/)
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, input_layernorm: nn.Module,
                  post_attention_layernorm: nn.Module):
@@ -258,10 +258,10 @@ class CausalLM(nn.Module):
 
     Every layer uses `rotary` unless `layer_rotaries` gives each its own (Gemma 3: local and global layers differ);
     `final_softcap` c bounds the logits to c * tanh(logits / c) (Gemma 2). Tensor parallel (`tp` set), each rank
-    holds a slice of the vocabulary rows of embed_tokens and lm_head (tensor_parallel.py), and `vocab_size` is the
+    holds a slice of the vocabulary rows of embed_tokens and lm_head (tensor_parallel/shard.py), and `vocab_size` is the
     whole vocabulary's."""
     tp = None
-    decode_layers = None  # CPU: per block, its decode step as one C++ call or None (cpu_decode.attach)
+    decode_layers = None  # CPU: per block, its decode step as one C++ call or None (cpu_decode.add_decode_layers)
 
     def __init__(self, vocab: int, hidden: int, blocks: list[nn.Module], norm: nn.Module, rotary: Rotary, *,
                  embed_scale: float | None = None, lm_head_bias: bool = False, tie_word_embeddings: bool = False,

@@ -1,10 +1,51 @@
-"""OpenAI-compatible response and chunk bodies: chat.completion, chat.completion.chunk, text_completion, as dicts
-(the caller's thread turns them into JSON text)."""
+"""OpenAI-compatible response and chunk bodies (chat.completion, chat.completion.chunk, text_completion) as dicts,
+made in the caller's thread from the engine's neutral records (engine/output.py's Delta and Final): chunk() and
+response(), with the Reply that says what kind of body and for which request. The Runner turns them into JSON text;
+the server serialises them itself."""
 import functools
 import re
-import time
+from dataclasses import dataclass
 
 from tokenizers import decoders
+
+from .engine.output import Delta, Final
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a request's bodies need besides its records: chat or completion, its id, the model, when it was made, a
+    completion's echo (the prompt, before each choice's text) and suffix (after it), and the tokenizer that spells
+    logprob tokens."""
+    chat: bool
+    id: str
+    model: str
+    created: int
+    tokenizer: object
+    echo: str = ""
+    suffix: str = ""
+
+
+def chunk(r: Reply, d: Delta, first: bool) -> dict:
+    """A stream chunk of one choice's delta. first: the choice's first chunk (the assistant role; a completion's
+    echo). Its last carries its finish_reason, usage and a completion's suffix."""
+    use = usage(*d.usage) if d.usage is not None else None
+    if r.chat:
+        lps = None if d.logprobs is None else chat_logprobs(r.tokenizer, d.logprobs)
+        return chat_chunk(r.id, r.model, r.created, d.index, d.text, d.finish_reason, lps, first, use)
+    text = (r.echo if first else "") + d.text + (r.suffix if d.finish_reason else "")
+    return completion(r.id, r.model, r.created, [completion_choice(d.index, text, d.finish_reason)], use)
+
+
+def response(r: Reply, final: Final) -> dict:
+    """The whole answer of a request that does not stream."""
+    use = usage(*final.usage)
+    if r.chat:
+        choices = [chat_choice(c.index, c.text, c.finish_reason,
+                               None if c.logprobs is None else chat_logprobs(r.tokenizer, c.logprobs))
+                   for c in final.choices]
+        return chat_completion(r.id, r.model, r.created, choices, use)
+    choices = [completion_choice(c.index, r.echo + c.text + r.suffix, c.finish_reason) for c in final.choices]
+    return completion(r.id, r.model, r.created, choices, use)
 
 
 @functools.cache
@@ -79,6 +120,3 @@ def completion(rid: str, model: str, created: int, choices: list[dict], use: dic
 def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
-
-def now() -> int:
-    return int(time.time())

@@ -1,5 +1,7 @@
 """Runner: requests in, OpenAI JSON out. The caller's thread validates, renders the chat template, tokenizes and
-builds the request's sequences; the engine thread (engine.py) serves them."""
+builds the request's sequences; the engine thread (engine.py) serves them and queues neutral records (deltas, a final
+record); the caller's thread makes the OpenAI bodies of them (responses.py), logs them, and makes the JSON text once.
+chat_completion() and completion() hand the bodies over as dicts (the server serialises them itself)."""
 import contextlib
 import json
 import logging
@@ -12,7 +14,7 @@ import uuid
 
 import torch
 
-from . import kernels
+from . import kernels, responses
 from .engine.block_manager import BlockManager
 from .engine.engine import END, STOP, Engine
 from .engine.grammar import GrammarCompiler
@@ -36,20 +38,35 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 class ChatCompletionStreamer:
-    """Iterator of OpenAI chunk JSON strings (the engine queues their bodies); ends once every choice has finished.
-    `id` is the request's id (its chunks' `id`). close() (also on garbage collection and at the end of a `with`
-    block) aborts the request: its sequences stop and free their KV blocks at the engine's next step."""
+    """Iterator of OpenAI chunk JSON strings, one per delta the engine queues; ends once every choice has finished.
+    bodies() gives the same chunks as dicts. `id` is the request's id (its chunks' `id`). close() (also on garbage
+    collection and at the end of a `with` block) aborts the request: its sequences stop and free their KV blocks at
+    the engine's next step."""
 
-    def __init__(self, req: Request, engine: Engine):
+    def __init__(self, req: Request, engine: Engine, reply: responses.Reply, log: "JsonLines"):
         self.id, self._out, self._deadline, self._engine = req.id, req.out, req.deadline, engine
+        self._reply, self._log = reply, log
+        self._started: set[int] = set()  # choices that have had a chunk: a choice's first chunk differs
         self._done = False
 
     def __iter__(self):
         return self
 
     def __next__(self) -> str:
-        if self._done:
+        body = self._next_body()
+        if body is None:
             raise StopIteration
+        return json.dumps(body)
+
+    def bodies(self):
+        """The chunks as dicts, for a reader that serialises them itself (the server)."""
+        while (body := self._next_body()) is not None:
+            yield body
+
+    def _next_body(self) -> dict | None:
+        """The next chunk's body, None at the end."""
+        if self._done:
+            return None
         try:  # the timeout covers the request as its reader sees it: chunks queued past it are not handed out
             if _remaining(self._deadline) == 0:
                 raise queue.Empty
@@ -59,11 +76,18 @@ class ChatCompletionStreamer:
             raise TimeoutError(f"request {self.id} did not finish within its timeout") from None
         if item is END:
             self._done = True
-            raise StopIteration
+            return None
         if isinstance(item, BaseException):
             self._done = True
             raise item
-        return json.dumps(item)
+        try:
+            body = responses.chunk(self._reply, item, first=item.index not in self._started)
+        except BaseException:  # a failure here fails the request, as one on the engine thread would
+            self._abort(None)
+            raise
+        self._started.add(item.index)
+        self._log("response", body)
+        return body
 
     def _abort(self, error) -> None:
         if not self._done:
@@ -113,11 +137,11 @@ class Runner:
     """Created by a loader's load(). Thread-safe: send requests from as many threads as you like. Every request
     sent before, during or after close() gets an answer or an exception."""
 
-    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, logfile, threads: int | None = None,
+    def __init__(self, pipeline, *, max_seqs: int, truncate_sequence: bool, log: "JsonLines",
                  limits: Limits | None = None, prefix_caching: bool = True, max_batched_tokens: int = 2048):
+        """log: the `logfile` (JsonLines(None): none)."""
         if not isinstance(truncate_sequence, bool):
             raise TypeError(f"truncate_sequence must be a bool, got {truncate_sequence!r}")
-        threads = cpu_threads(threads)
         self.pipeline = pipeline
         self._profile = None  # the profiler() running on the engine thread, if any
         self.truncate_sequence = truncate_sequence
@@ -128,23 +152,29 @@ class Runner:
             raise TypeError(f"prefix_caching must be a bool, got {prefix_caching!r}")
         if not isinstance(max_batched_tokens, int) or isinstance(max_batched_tokens, bool) or max_batched_tokens < 1:
             raise ValueError(f"max_batched_tokens must be an int >= 1, got {max_batched_tokens!r}")
-        whole_prompts = getattr(mr.model, "whole_prompt_steps", False)
         self.scheduler = Scheduler(BlockManager(mr.num_blocks, mr.block_size, prefix_caching), max_seqs,
-                                   max_batched_tokens, no_kv_cache=mr.no_kv_cache, chunked=not whole_prompts)
+                                   max_batched_tokens, no_kv_cache=mr.no_kv_cache,
+                                   chunked=not pipeline.whole_prompt_steps)
         self.grammars = GrammarCompiler(pipeline.tokenizer, pipeline.vocab_size, pipeline.eos_token_ids)
-        self._log = JsonLines(logfile)
+        self._log = log
         # The engine must not hold the Runner, so that a Runner dropped without close() is collected (see __del__).
-        log_response = self._log
-        self.engine = Engine(pipeline, self.scheduler,
-                             on_response=(lambda r: log_response("response", r)) if logfile is not None else None)
+        self.engine = Engine(pipeline, self.scheduler)
         # CPU: the kernels' thread team gets the threads, and the engine thread's own torch ops run on it alone
         # (kernels/threads_cpu.cpp says why). Elsewhere torch's count, which belongs to the thread that sets it.
         if mr.device.type == "cpu":
-            self.engine.call(lambda: kernels.set_cpu_threads(threads))
+            self.engine.call(lambda: kernels.set_cpu_threads(pipeline.threads))
         else:
-            self.engine.call(lambda: torch.set_num_threads(threads))
+            self.engine.call(lambda: torch.set_num_threads(pipeline.threads))
 
     def send_chat_completion_request(self, request: ChatCompletionRequest):
+        return _json(self.chat_completion(request))
+
+    def send_completion_request(self, request: CompletionRequest):
+        return _json(self.completion(request))
+
+    def chat_completion(self, request: ChatCompletionRequest) -> "dict | ChatCompletionStreamer":
+        """send_chat_completion_request's answer before its JSON text: the response body as a dict, or the streamer
+        (whose bodies() gives its chunks as dicts), for a caller that serialises them itself (the server)."""
         if not isinstance(request, ChatCompletionRequest):
             raise TypeError(f"expected a ChatCompletionRequest, got {type(request).__name__}")
         request = request.frozen()  # from here on, what the caller does to its object cannot reach the engine
@@ -161,12 +191,13 @@ class Runner:
         self._check_stops(stops)
         top = request.top_logprobs or 0
         params = self._params(request, logprobs=request.logprobs, top_logprobs=top if request.logprobs else 0)
-        req = self._make(True, request, ids, params, request.n_choices, request.n_choices,
-                         stop_token_ids=request.stop_token_ids or [], stop_strings=stops, logprobs=request.logprobs)
-        self._grammar(req, request)
-        return self._submit(req, request)
+        req, reply = self._make(True, request, ids, params, request.n_choices, request.n_choices,
+                                stop_token_ids=request.stop_token_ids or [], stop_strings=stops,
+                                logprobs=request.logprobs)
+        return self._submit(req, reply, request)
 
-    def send_completion_request(self, request: CompletionRequest):
+    def completion(self, request: CompletionRequest) -> "dict | ChatCompletionStreamer":
+        """send_completion_request's answer before its JSON text (see chat_completion)."""
         if not isinstance(request, CompletionRequest):
             raise TypeError(f"expected a CompletionRequest, got {type(request).__name__}")
         request = request.frozen()
@@ -178,17 +209,10 @@ class Runner:
         ids = self._encode(request.prompt, add_special_tokens=True)
         # best_of ranks its candidates by cumulative logprob: only then does sampling compute it
         params = self._params(request, logprobs=request.best_of > request.n_choices, top_logprobs=0)
-        req = self._make(False, request, ids, params, max(request.best_of, request.n_choices), request.n_choices,
-                         stop_token_ids=[], stop_strings=stops, logprobs=False)
-        req.echo = request.prompt if request.echo_prompt else ""
-        self._grammar(req, request)
-        req.suffix = request.suffix or ""
-        return self._submit(req, request)
-
-    def _grammar(self, req: Request, request) -> None:
-        if request.grammar is not None:
-            for seq in req.seqs:
-                seq.matcher = self.grammars.matcher(request.grammar, request.grammar_type)
+        req, reply = self._make(False, request, ids, params, max(request.best_of, request.n_choices),
+                                request.n_choices, stop_token_ids=[], stop_strings=stops, logprobs=False,
+                                echo=request.prompt if request.echo_prompt else "", suffix=request.suffix or "")
+        return self._submit(req, reply, request)
 
     def abort(self, request_id: str) -> None:
         """End a request in flight: its caller gets RequestAborted (a stream's reader, from next()), its sequences
@@ -308,30 +332,36 @@ class Runner:
         return ids
 
     def _make(self, chat: bool, r, ids, params, n_seqs: int, n_return: int, stop_token_ids, stop_strings,
-              logprobs: bool) -> Request:
+              logprobs: bool, echo: str = "", suffix: str = "") -> tuple[Request, responses.Reply]:
+        """The request and its n_seqs sequences, every field set here (the prompt fitted to the model, the length
+        limit, a generator per choice, the stop tables and a grammar matcher per choice), and what its bodies say."""
         ids = self._fit_prompt(ids, r.max_tokens)
         max_len = self.pipeline.max_model_len
         if r.max_tokens is not None:
             max_len = min(max_len, len(ids) + r.max_tokens)
         seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**62)
-        rid = r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        req = Request(chat=chat, id=rid, seqs=[], n_return=n_return, stream=r.stream, logprobs=logprobs,
-                      deadline=None if r.timeout is None else time.monotonic() + r.timeout)
+        created, deadline = int(time.time()), None if r.timeout is None else time.monotonic() + r.timeout
         stops = StopStrings(stop_strings) if stop_strings else None  # the tables once, a matcher per choice
+        seqs = []
         for i in range(n_seqs):
             gen = torch.Generator(device=self.pipeline.device)
             gen.manual_seed(seed + i)  # choice i of a seeded request is reproducible and differs from choice j
-            req.seqs.append(Sequence(tokens=list(ids), group=req, index=i, prompt_len=len(ids), max_len=max_len,
-                                     params=params, generator=gen, stop_token_ids=frozenset(stop_token_ids),
-                                     stops=stops.fresh() if stops else None,
-                                     prefix_offset=len(ids), read_offset=len(ids)))
-        return req
+            matcher = None if r.grammar is None else self.grammars.matcher(r.grammar, r.grammar_type)
+            seqs.append(Sequence(tokens=list(ids), index=i, prompt_len=len(ids), max_len=max_len, params=params,
+                                 generator=gen, stop_token_ids=frozenset(stop_token_ids), matcher=matcher,
+                                 stops=stops.fresh() if stops else None, prefix_offset=len(ids),
+                                 read_offset=len(ids)))
+        rid = r.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        reply = responses.Reply(chat=chat, id=rid, model=self.pipeline.model_id, created=created,
+                                tokenizer=self.pipeline.tokenizer, echo=echo, suffix=suffix)
+        return Request(id=rid, seqs=seqs, n_return=n_return, stream=r.stream, logprobs=logprobs,
+                       deadline=deadline), reply
 
-    def _submit(self, req: Request, request):
+    def _submit(self, req: Request, reply: responses.Reply, request) -> "dict | ChatCompletionStreamer":
         self._log("request", repr(request))
         self.engine.submit(req)
         if req.stream:
-            return ChatCompletionStreamer(req, self.engine)
+            return ChatCompletionStreamer(req, self.engine, reply, self._log)
         try:
             result = req.out.get(timeout=_remaining(req.deadline))
         except queue.Empty:
@@ -344,7 +374,14 @@ class Runner:
             raise RequestAborted(f"request {req.id} was aborted")
         if isinstance(result, BaseException):
             raise result
-        return json.dumps(result)
+        body = responses.response(reply, result)
+        self._log("response", body)
+        return body
+
+
+def _json(answer):
+    """A response body as JSON text; a streamer as it is (it makes each chunk's text)."""
+    return answer if isinstance(answer, ChatCompletionStreamer) else json.dumps(answer)
 
 
 class JsonLines:

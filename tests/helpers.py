@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 import mistralrs
 from mistralrs.engine.block_manager import BlockManager
-from mistralrs.engine.model_runner import SeqState
 from mistralrs.engine.scheduler import Scheduler
+from mistralrs.engine.sequence import Sequence
 
 # ---- models ----
 
@@ -61,14 +61,17 @@ class Driver:
                                    max_seqs, max_batched_tokens=1 << 30, no_kv_cache=self.mr.no_kv_cache)
 
     def step(self, seqs, all_logits=False):
-        """One step of exactly these sequences; those not yet scheduled are added."""
+        """One step of exactly these sequences (those not yet scheduled are added); their K/V are cached after it,
+        and the caller appends the tokens it picks from the logits."""
         sched = self.scheduler
         for s in seqs:
             if s not in sched.running and s not in sched.waiting:
                 sched.add(s)
         step = sched.schedule()
         assert step.seqs == seqs and not step.too_long, "the test's sequences must fit the KV cache together"
-        return self.mr.step(step.seqs, sched.block_tables(step.seqs), step.num_tokens, all_logits=all_logits)
+        logits = self.mr.step(step.seqs, sched.block_tables(step.seqs), step.num_tokens, all_logits=all_logits)
+        sched.postprocess(step, [None] * len(step.sampled))
+        return logits
 
     def finish(self, *seqs):
         for s in seqs:
@@ -77,14 +80,14 @@ class Driver:
 
 def all_logits(runner, ids):
     """[T, V]: the logits of every prompt token, from one prefill."""
-    d, seq = Driver(runner), SeqState(list(ids))
+    d, seq = Driver(runner), Sequence(list(ids))
     out = d.step([seq], all_logits=True)
     d.finish(seq)
     return out
 
 
 def greedy(runner, ids, n=32):
-    d, seq = Driver(runner), SeqState(list(ids))
+    d, seq = Driver(runner), Sequence(list(ids))
     for _ in range(n):
         seq.tokens.append(int(d.step([seq]).argmax(-1)))
     d.finish(seq)

@@ -3,11 +3,11 @@ reference counts and eviction order. No model, no tensors."""
 import pytest
 
 from mistralrs.engine.block_manager import BlockManager, OutOfBlocks, block_hash
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 
 
-def Seq(tokens=(), num_cached=0) -> SeqState:  # keyed by identity; prefix caching reads tokens and num_cached
-    return SeqState(list(tokens), num_cached)
+def Seq(tokens=(), num_cached=0) -> Sequence:  # keyed by identity; prefix caching reads tokens and num_cached
+    return Sequence(list(tokens), num_cached)
 
 
 def test_counts():
@@ -70,11 +70,11 @@ def test_bad_sizes(num_blocks, block_size):
         BlockManager(num_blocks, block_size)
 
 
-def computed(bm: BlockManager, tokens: list[int]) -> SeqState:
+def computed(bm: BlockManager, tokens: list[int]) -> Sequence:
     """A sequence admitted with its cached prefix, then given blocks for all its tokens, all computed."""
     seq = Seq(tokens)
     blocks, names, _ = bm.prefix(tokens)
-    seq.num_cached = bm.attach(seq, blocks, names)
+    seq.num_cached = bm.take_prefix(seq, blocks, names)
     bm.grow(seq, len(tokens))
     seq.num_cached = len(tokens)
     return seq

@@ -55,14 +55,14 @@ def test_blocks_without_a_fused_decode_keep_their_modules(tiny_models, arch):
 
 def batch_logits(runner, B: int, steps: int = 3) -> torch.Tensor:
     """[steps, B, V]: B sequences of different lengths decoded together after their prefill."""
-    from mistralrs.engine.model_runner import SeqState
+    from mistralrs.engine.sequence import Sequence
 
     from helpers import Driver
     out = []
 
     def run():
         d = Driver(runner, max_seqs=B)
-        seqs = [SeqState([1 + (7 * b + j) % 50 for j in range(3 + b % 5)]) for b in range(B)]
+        seqs = [Sequence([1 + (7 * b + j) % 50 for j in range(3 + b % 5)]) for b in range(B)]
         for s, row in zip(seqs, d.step(seqs)):  # one prefill step for all
             s.tokens.append(int(row.argmax()))
         for _ in range(steps):

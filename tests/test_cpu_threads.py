@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 import mistralrs
 from mistralrs import kernels
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 from mistralrs.kernels import cpu_ext, gguf_cpu
 from mistralrs.kernels.dequant import dequantize
 
@@ -24,7 +24,7 @@ def engine_logits(runner, n: int = 6) -> torch.Tensor:
     out = []
 
     def run():
-        d, seq = Driver(runner), SeqState(list(PROMPT_IDS))
+        d, seq = Driver(runner), Sequence(list(PROMPT_IDS))
         for _ in range(n + 1):
             out.append(d.step([seq]))
             seq.tokens.append(int(out[-1].argmax(-1)))

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mistralrs
-from mistralrs.__main__ import DEMO_MODEL, main
+from mistralrs.__main__ import main
+from mistralrs.cli import DEMO_MODEL
 
 
 def test_demo_cli_streams_and_reports_speed(capsys):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import mistralrs
 from mistralrs import CompletionRequest
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 from mistralrs.models import gemma
 
 import convert_to_gguf
@@ -27,7 +27,7 @@ TOL = 5e-5
 
 def decode_logits(runner, ids, n):
     """Greedy decode of n tokens one step at a time: (tokens, [n, V] logits of each step)."""
-    d, seq, steps = Driver(runner), SeqState(list(ids)), []
+    d, seq, steps = Driver(runner), Sequence(list(ids)), []
     for _ in range(n):
         steps.append(d.step([seq])[0])
         seq.tokens.append(int(steps[-1].argmax()))
@@ -54,7 +54,7 @@ def test_batched_ragged_decode(tiny_models):
     """Two sequences of different lengths in one step give each one's own logits (sliding and global layers)."""
     runner = load(tiny_models["gemma3"], "gemma3", kv_cache_tokens=256, block_size=4)
     ids = prompt_ids(runner)
-    a, b = SeqState(ids[:30]), SeqState(ids)
+    a, b = Sequence(ids[:30]), Sequence(ids)
     d = Driver(runner)
     together = d.step([a, b])
     d.finish(a, b)

@@ -24,7 +24,7 @@ from mistralrs.linears import QuantEmbedding, QuantLinear
 from mistralrs.load.gguf import read_gguf
 from mistralrs.load.gguf_model import load_gguf_model, resident_bytes
 from mistralrs.load.gguf_tokenizer import tokenizer_from_gguf
-from mistralrs.loader import check_architecture
+from mistralrs.load.model import check_architecture
 
 import convert_to_gguf as convert
 from helpers import ARCHS, KV, PROMPT, TEXTS, greedy
@@ -324,7 +324,7 @@ def rewrite(src: Path, dst: Path, *, drop=lambda key: False, edit=lambda key, va
 def load_file(path, arch="llama"):
     """Everything the loader does with the file, without a Runner."""
     f = read_gguf(path)
-    check_architecture(f, ARCHS[arch])
+    check_architecture(f, ARCHS[arch].__name__)
     load_gguf_model(ARCHS[arch].module, f, torch.float32, torch.device("cpu"))
     tokenizer_from_gguf(f.metadata, path)
 
@@ -480,7 +480,7 @@ def test_q4_k_agrees_with_llama_cpp(tmp_path):
     """Q4_K needs rows of 256 weights, wider than the tiny checkpoints: the demo model (hidden 256) converted as
     llama.cpp's converter would (rows of 704 fall back to Q5_0, as llama.cpp does)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from mistralrs.__main__ import DEMO_MODEL
+    from mistralrs.cli import DEMO_MODEL
     path = convert.convert(DEMO_MODEL, tmp_path / "demo-q4_k.gguf", gguf.GGMLQuantizationType.Q4_K)
     exact_path = convert.convert(DEMO_MODEL, tmp_path / "demo-f32.gguf", gguf.GGMLQuantizationType.F32)
     assert sum(t.tensor_type == gguf.GGMLQuantizationType.Q4_K for t in gguf.GGUFReader(path).tensors) >= 20

@@ -177,8 +177,8 @@ def test_gguf_metadata_of_the_wrong_type_names_its_key(gguf_file, tmp_path):
 def test_weights_that_cannot_fit_are_refused_before_loading(gguf_file, tiny_models, monkeypatch):
     """The estimate is compared with what memory is left: with 100 kB left, both a safetensors and a GGUF load
     stop at their estimate (F32 GGUF tensors count at the load dtype, quantized ones at their bytes)."""
-    import mistralrs.loader as loader_module
-    monkeypatch.setattr(loader_module, "available_memory", lambda device: 100_000)
+    import mistralrs.load.model as load_model
+    monkeypatch.setattr(load_model, "available_memory", lambda device: 100_000)
     with pytest.raises(ValueError, match="config.json: the weights would need"):
         mistralrs.NormalLoader(ARCHS["llama"], model_id=str(tiny_models["llama"])).load(token_source="none")
     path = gguf_file("llama", "q8_0")
@@ -186,7 +186,7 @@ def test_weights_that_cannot_fit_are_refused_before_loading(gguf_file, tiny_mode
     quantized = [t for t in q.tensors.values() if t.quantized]
     floats = [t for t in q.tensors.values() if not t.quantized]  # norms: F32 in the file, bf16 at load
     assert quantized and floats
-    assert loader_module.quantized_weight_bytes(q, torch.bfloat16) == (
+    assert load_model.quantized_weight_bytes(q, torch.bfloat16) == (
         sum(t.data.nbytes for t in quantized) + sum(2 * t.data.nbytes // 4 for t in floats))
     gguf = mistralrs.QuantizedLoader(ARCHS["llama"], model_id=None, is_gguf=True, quantized_model_id="",
                                      quantized_filename=str(path))

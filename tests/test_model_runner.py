@@ -2,7 +2,8 @@
 rows step() turns into logits. A stub stands in for the model: its hidden state of a token is its input id."""
 import torch
 
-from mistralrs.engine.model_runner import ModelRunner, SeqState
+from mistralrs.engine.model_runner import ModelRunner
+from mistralrs.engine.sequence import Sequence
 
 BS = 4
 
@@ -20,8 +21,8 @@ def runner() -> ModelRunner:
     return ModelRunner(Stub(), [(cache, cache)], torch.device("cpu"))
 
 
-def seq(tokens, num_cached) -> SeqState:
-    return SeqState(list(tokens), num_cached)
+def seq(tokens, num_cached) -> Sequence:
+    return Sequence(list(tokens), num_cached)
 
 
 def slot(table, p):
@@ -52,13 +53,14 @@ def test_mixed_prefill_and_decode_metadata():
     assert meta.block_tables.tolist() == [[4, 6], [8, 0]]
 
 
-def test_step_returns_each_sequences_last_token_and_advances_num_cached():
+def test_step_returns_each_sequences_last_token_and_writes_no_sequence():
     mr, tables = runner(), [[4, 6], [8]]
     a, b = seq(range(10, 16), 0), seq(range(20, 23), 2)
     assert mr.step([a, b], tables).flatten().tolist() == [15, 22]
-    assert (a.num_cached, b.num_cached) == (6, 3)
+    assert (a.num_cached, b.num_cached, len(a.tokens), len(b.tokens)) == (0, 2, 6, 3)  # the scheduler's to advance
     a.tokens.append(16)
     b.tokens.append(23)
+    a.num_cached, b.num_cached = 6, 3
     assert mr.step([a, b], tables).flatten().tolist() == [16, 23]  # decode
     c = seq(range(30, 33), 0)
     assert mr.step([c], [[1]], all_logits=True).flatten().tolist() == [30, 31, 32]

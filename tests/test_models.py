@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import mistralrs
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 from mistralrs.layers import Attention, GatedMLP
 from mistralrs.linears import CpuLinear
 
@@ -27,7 +27,7 @@ def test_logits_match_transformers(tiny_models, arch):
     with torch.no_grad():
         ref = hf_model(tiny_models[arch])(torch.tensor([ids])).logits[0]
     ours = all_logits(runner, ids)
-    d, seq = Driver(runner), SeqState(list(ids))
+    d, seq = Driver(runner), Sequence(list(ids))
     last = d.step([seq])[0]
     diff = (ours - ref).abs().max().item()
     print(f"{arch}: max |logits - transformers| = {diff:.2e}")  # shown with -s

@@ -9,7 +9,7 @@ import pytest
 
 import mistralrs
 from mistralrs import ChatCompletionRequest, CompletionRequest
-from mistralrs.__main__ import DEMO_MODEL
+from mistralrs.cli import DEMO_MODEL
 
 import make_tiny_xlora
 from helpers import ARCHS

@@ -16,7 +16,7 @@ import torch
 
 import mistralrs
 from mistralrs import CompletionRequest
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 
 from helpers import Driver, all_logits
 
@@ -224,7 +224,7 @@ def _llama_cpp_greedy(llm, ids, n):
 
 def _our_greedy(runner, ids, n):
     """Our n greedy tokens (the engine's model runner, one step at a time) and our margin at each step."""
-    d, seq, margins = Driver(runner), SeqState(list(ids)), []
+    d, seq, margins = Driver(runner), Sequence(list(ids)), []
     for _ in range(n):
         logits = d.step([seq])[0]
         seq.tokens.append(int(logits.argmax()))
@@ -281,7 +281,7 @@ def test_gemma3_f32_logits_equal_llama_cpp(gemma3_f32):
         assert 512 + 64 < len(long) < 800 - TOKENS, len(long)
         for prompt in [*GEMMA_PROMPTS[:3], _long_prompt()]:
             ids = runner.pipeline.tokenizer.encode(prompt).ids
-            d, seq = Driver(runner), SeqState(list(ids))
+            d, seq = Driver(runner), Sequence(list(ids))
             ours = d.step([seq], all_logits=True)
             d.finish(seq)
             llm.reset()
@@ -314,7 +314,7 @@ def test_gemma3_f32_checkpoint_equals_transformers(gemma3_hf):
         for prompt in [*GEMMA_PROMPTS[:3], _long_prompt()]:
             ids = tok(prompt).input_ids
             assert runner.pipeline.tokenizer.encode(prompt).ids == ids
-            d, seq = Driver(runner), SeqState(list(ids))
+            d, seq = Driver(runner), Sequence(list(ids))
             ours = d.step([seq], all_logits=True)
             d.finish(seq)
             with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""responses.py's builders validate as the openai package's types, and token bytes are the text's UTF-8."""
+"""responses.py's builders validate as the openai package's types, token bytes are the text's UTF-8, and the
+engine's records (Delta, Final) become the bodies a stream and a whole answer send."""
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models
 
 import mistralrs
 from mistralrs import responses
+from mistralrs.engine.output import Delta, Final, Usage
 
 DEMO = Tokenizer.from_file(str(Path(mistralrs.__file__).parent / "data" / "demo-llama" / "tokenizer.json"))
 
@@ -80,3 +82,57 @@ def test_completion_and_its_chunks():
     chunk = responses.completion("cmpl-1", "demo", 9, [responses.completion_choice(1, "x", None)], None)
     assert "usage" not in chunk and chunk["choices"][0]["finish_reason"] is None  # null until the choice ends
     assert json.loads(json.dumps(body)) == body  # plain JSON types only
+
+
+CHAT = responses.Reply(chat=True, id="chatcmpl-1", model="demo", created=1700000000, tokenizer=DEMO)
+COMPLETION = responses.Reply(chat=False, id="cmpl-1", model="demo", created=1700000000, tokenizer=DEMO,
+                             echo="The prompt", suffix=" [end]")
+
+
+def entries(ids, top=0):
+    return [(t, -0.5 * i, [(t, -0.5 * i), (3, -4.0)][:top]) for i, t in enumerate(ids)]
+
+
+def test_chat_deltas_become_chunks():
+    """A choice's first chunk says the role; logprob tokens are spelled from their ids, top ones included; the
+    choice's last chunk carries its finish_reason and usage."""
+    ids = DEMO.encode(" import café", add_special_tokens=False).ids
+    first = ChatCompletionChunk.model_validate(
+        responses.chunk(CHAT, Delta(1, DEMO.decode(ids[:2]), ids[:2], entries(ids[:2], top=2), None, None), True))
+    last = ChatCompletionChunk.model_validate(
+        responses.chunk(CHAT, Delta(1, "", ids[2:], [], "length", Usage(7, len(ids))), False))
+    assert (first.id, first.model, first.created, first.choices[0].index) == ("chatcmpl-1", "demo", 1700000000, 1)
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == DEMO.decode(ids[:2])
+    assert [e.token for e in first.choices[0].logprobs.content] == [DEMO.decode([t]) for t in ids[:2]]
+    assert [t.token for t in first.choices[0].logprobs.content[0].top_logprobs] == [DEMO.decode(ids[:1]), "!"]
+    assert first.usage is None and first.choices[0].finish_reason is None
+    assert last.choices[0].delta.role is None and last.choices[0].logprobs.content == []
+    assert last.choices[0].finish_reason == "length" and last.usage.total_tokens == 7 + len(ids)
+    plain = responses.chunk(CHAT, Delta(0, "x", [5], None, None, None), False)
+    assert plain["choices"][0]["logprobs"] is None  # the request asked for none
+
+
+def test_completion_deltas_get_the_echo_first_and_the_suffix_last():
+    texts = [responses.chunk(COMPLETION, Delta(0, "a", [5], None, None, None), True),
+             responses.chunk(COMPLETION, Delta(0, "b", [6], None, None, None), False),
+             responses.chunk(COMPLETION, Delta(0, "c", [7, 2], None, "stop", Usage(3, 3)), False)]
+    assert [c["choices"][0]["text"] for c in texts] == ["The prompta", "b", "c [end]"]
+    assert [c["choices"][0]["finish_reason"] for c in texts] == [None, None, "stop"]  # null until the choice ends
+    last = Completion.model_validate(texts[-1])  # (openai's type takes no null finish_reason)
+    assert "usage" not in texts[0] and last.object == "text_completion" and last.usage.total_tokens == 6
+
+
+def test_final_records_become_whole_answers():
+    ids = DEMO.encode(" import café", add_special_tokens=False).ids
+    final = Final([Delta(0, DEMO.decode(ids), ids, entries(ids), "stop", None), Delta(1, "", [2], [], "stop", None)],
+                  Usage(7, len(ids) + 1))
+    chat = ChatCompletion.model_validate(responses.response(CHAT, final))
+    assert [c.message.content for c in chat.choices] == [DEMO.decode(ids), ""]
+    assert [e.token for e in chat.choices[0].logprobs.content] == [DEMO.decode([t]) for t in ids]
+    assert chat.usage.completion_tokens == len(ids) + 1
+    without = Final([Delta(0, "a b", [5, 6], None, "length", None)], Usage(4, 2))
+    assert ChatCompletion.model_validate(responses.response(CHAT, without)).choices[0].logprobs is None
+    body = responses.response(COMPLETION, without)
+    r = Completion.model_validate(body)
+    assert r.choices[0].text == "The prompta b [end]" and r.usage.total_tokens == 6
+    assert json.loads(json.dumps(body)) == body

@@ -309,7 +309,7 @@ def test_failure_while_building_the_response_fails_the_request(llama, monkeypatc
     def broken(req):
         raise RuntimeError("injected response failure")
 
-    monkeypatch.setattr(llama.engine.output, "response", broken)
+    monkeypatch.setattr(llama.engine.output, "final", broken)
     with pytest.raises(RuntimeError, match="injected response"):
         llama.send_completion_request(CompletionRequest(PROMPT, "m", max_tokens=2))
     monkeypatch.undo()

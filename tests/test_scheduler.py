@@ -1,28 +1,29 @@
 """The scheduler alone, with sequences that are only token lists and no model: admission, the step's token budget and
-chunked prefill, block growth, preemption, too-long sequences, no_kv_cache, and prefix caching's admission."""
+chunked prefill, block growth, preemption, too-long sequences, no_kv_cache, prefix caching's admission, and
+postprocess, the one writer of a sequence's progress after a step."""
+import pytest
+
 from mistralrs.engine.block_manager import BlockManager
-from mistralrs.engine.model_runner import SeqState
 from mistralrs.engine.scheduler import Scheduler
+from mistralrs.engine.sequence import Sequence
 
 
-def seq(n_tokens: int) -> SeqState:
-    return SeqState(list(range(1, n_tokens + 1)))
+def seq(n_tokens: int) -> Sequence:
+    return Sequence(list(range(1, n_tokens + 1)))
 
 
 def scheduler(num_blocks: int, block_size: int, prefix_caching: bool = False, **kw) -> Scheduler:
     return Scheduler(BlockManager(num_blocks, block_size, prefix_caching), **{"max_seqs": 8, **kw})
 
 
-def run(sched: Scheduler) -> list[SeqState]:
+def run(sched: Scheduler) -> list[Sequence]:
     """One engine step without a model: schedule, then each scheduled sequence has its step's tokens cached, and
     one more token once its whole prompt is."""
     step = sched.schedule()
     assert not step.too_long
     for s, n in zip(step.seqs, step.num_tokens):
         assert len(sched.blocks.table(s)) == sched.blocks.blocks_for(s.num_cached + n)  # room for its tokens
-        s.num_cached += n
-        if s.num_cached == len(s.tokens):
-            s.tokens.append(0)
+    sched.postprocess(step, [0] * len(step.sampled))
     return step.seqs
 
 
@@ -75,10 +76,7 @@ def test_chunked_prefill_keeps_decodes_running():
         step = sched.schedule()
         assert step.seqs[:2] == [a, b] and sum(step.num_tokens) <= 10
         chunks.append(dict(zip(step.seqs, step.num_tokens)).get(long, 0))
-        for s, n in zip(step.seqs, step.num_tokens):
-            s.num_cached += n
-            if s.num_cached == len(s.tokens):
-                s.tokens.append(0)
+        sched.postprocess(step, [0] * len(step.sampled))
     assert chunks == [8, 8, 8, 8, 8] and long.num_cached == 40
 
 
@@ -158,25 +156,24 @@ def test_no_kv_cache_recomputes_the_whole_context_every_step():
         sched.add(s)
     run(sched)
     for _ in range(4):
-        batch = sched.schedule().seqs
-        assert batch == [a, b]
+        step = sched.schedule()
+        batch = step.seqs
+        assert batch == [a, b] and step.sampled == [0, 1]
         assert [s.num_cached for s in batch] == [0, 0]  # the model runs every token again
         held = [len(sched.blocks.table(s)) for s in batch]
         assert held == [sched.blocks.blocks_for(len(s.tokens)) for s in batch]
         assert sched.blocks.num_free == 8 - sum(held)
-        for s in batch:
-            s.num_cached = len(s.tokens)
-            s.tokens.append(0)
+        sched.postprocess(step, [0, 0])
 
 
 def test_prefix_caching_admits_the_cached_prefix():
     """A second sequence with the same first 8 tokens starts with their 2 blocks and computes the rest; one with the
     same prompt waits a step if the first computes those blocks in the same step, then shares them."""
     sched = scheduler(16, 4, prefix_caching=True)
-    a = SeqState(list(range(1, 11)))  # 10 tokens: 2 full blocks + 2
+    a = Sequence(list(range(1, 11)))  # 10 tokens: 2 full blocks + 2
     sched.add(a)
     run(sched)
-    b = SeqState(list(range(1, 9)) + [99, 98, 97])  # shares a's 2 full blocks
+    b = Sequence(list(range(1, 9)) + [99, 98, 97])  # shares a's 2 full blocks
     sched.add(b)
     step = sched.schedule()
     assert step.seqs == [a, b] and step.num_tokens == [1, 3] and b.num_cached == 8
@@ -186,9 +183,51 @@ def test_prefix_caching_admits_the_cached_prefix():
 
 def test_prefix_sharing_waits_for_the_block_being_computed():
     sched = scheduler(16, 4, prefix_caching=True)
-    a, b = SeqState(list(range(1, 11))), SeqState(list(range(1, 11)))  # choices of one request
+    a, b = Sequence(list(range(1, 11))), Sequence(list(range(1, 11)))  # choices of one request
     sched.add(a)
     sched.add(b)
     assert run(sched) == [a]  # b's first block is being computed by a: b waits
     step = sched.schedule()
     assert step.seqs == [a, b] and step.num_tokens == [1, 2] and b.num_cached == 8
+
+
+def test_postprocess_advances_what_the_step_computed_and_appends_the_sampled_tokens():
+    """A prompt's chunk before its last caches its tokens and samples nothing; its last chunk and a decode each
+    gain their sampled token."""
+    sched = scheduler(64, 4, max_batched_tokens=10)
+    a, long = seq(3), seq(12)
+    sched.add(a)
+    run(sched)  # a: 3 cached, 4 tokens
+    sched.add(long)
+    step = sched.schedule()
+    assert step.seqs == [a, long] and step.num_tokens == [1, 9] and step.sampled == [0]  # a decodes, long's 1st chunk
+    sched.postprocess(step, [7])
+    assert (a.num_cached, a.tokens[-1], len(a.tokens)) == (4, 7, 5)
+    assert (long.num_cached, len(long.tokens)) == (9, 12)  # no token: its prompt is not done
+    step = sched.schedule()
+    assert step.num_tokens == [1, 3] and step.sampled == [0, 1]
+    sched.postprocess(step, [8, 9])
+    assert (a.num_cached, a.tokens[-2:]) == (5, [7, 8]) and (long.num_cached, long.tokens[-1]) == (12, 9)
+
+
+def test_postprocess_leaves_failed_rows_and_finished_sequences_alone():
+    """A row whose sampling failed (None) gets no token but its K/V are cached; a sequence its request's failure
+    finished and released during the step keeps what the release left."""
+    sched = scheduler(64, 4)
+    a, b, c = seq(3), seq(3), seq(3)
+    for s in (a, b, c):
+        sched.add(s)
+    step = sched.schedule()
+    c.finish_reason = "error"
+    sched.remove(c)
+    sched.postprocess(step, [5, None, 6])
+    assert (a.num_cached, a.tokens) == (3, [1, 2, 3, 5])
+    assert (b.num_cached, b.tokens) == (3, [1, 2, 3])
+    assert (c.num_cached, c.tokens) == (0, [1, 2, 3])
+    b.finish_reason = "error"  # its request fails, as the engine does with a row whose sampling failed
+    sched.remove(b)
+    step = sched.schedule()
+    assert step.seqs == [a] and step.sampled == [0]
+    with pytest.raises(ValueError):  # one token (or None) per sampled row
+        sched.postprocess(step, [])
+

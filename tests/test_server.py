@@ -15,7 +15,7 @@ import openai
 import pytest
 
 import mistralrs
-from mistralrs.__main__ import DEMO_MODEL
+from mistralrs.cli import DEMO_MODEL
 
 KEY = "test-key"
 MODEL = DEMO_MODEL.name

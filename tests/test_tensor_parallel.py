@@ -18,9 +18,9 @@ import torch
 
 import mistralrs
 from mistralrs import ChatCompletionRequest, QuantizedLoader
-from mistralrs.engine import workers
 from mistralrs.model_args import ModelArgs
-from mistralrs.tensor_parallel import TensorParallelError, check_divisible
+from mistralrs.tensor_parallel import TensorParallelError, workers
+from mistralrs.tensor_parallel.shard import check_divisible
 
 from helpers import ARCHS, KV, greedy, load, prompt_ids
 from helpers import all_logits as logits
@@ -75,7 +75,7 @@ def test_gguf_logits_equal_one_rank(gguf_file, arch, qtype, n):
 
 def test_each_rank_holds_its_share_of_the_weights(tiny_models, one_rank):
     """Llama, 2 ranks (2 KV heads: none replicated): each rank's bytes are half, plus the replicated norms."""
-    one, cfg = one_rank("llama"), mistralrs.loader.read_json(tiny_models["llama"] / "config.json")
+    one, cfg = one_rank("llama"), mistralrs.model_args.read_json(tiny_models["llama"] / "config.json")
     norms = (2 * cfg["num_hidden_layers"] + 1) * cfg["hidden_size"] * 4
     with load(tiny_models["llama"], "llama", tensor_parallel_size=2, **KV) as many:
         total, ranks = one.stats()["weight_bytes"][0], many.stats()["weight_bytes"]

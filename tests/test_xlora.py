@@ -9,7 +9,7 @@ from openai.types import Completion
 
 import mistralrs
 from mistralrs import CompletionRequest
-from mistralrs.engine.model_runner import SeqState
+from mistralrs.engine.sequence import Sequence
 
 import convert_to_gguf
 import make_tiny_xlora
@@ -103,7 +103,7 @@ def test_ragged_batch_equals_single_runs(tiny_models, repos):
     runner = load(tiny_models["llama"], repos["depth2"])
     prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
     solo = [greedy(runner, ids, 8) for ids in prompts]
-    d, seqs = Driver(runner), [SeqState(list(ids)) for ids in prompts]
+    d, seqs = Driver(runner), [Sequence(list(ids)) for ids in prompts]
     for _ in range(8):
         nxt = d.step(seqs).argmax(-1).tolist()
         for s, t in zip(seqs, nxt):
@@ -259,7 +259,7 @@ def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
     runner = loader.load(token_source="none")
     d, ref_model = Driver(runner), TOOL.peft_xlora(base, repo)
     prompts = [prompt_ids(runner), prompt_ids(runner, "Where does the river go?")]
-    seqs = [SeqState(list(ids)) for ids in prompts]
+    seqs = [Sequence(list(ids)) for ids in prompts]
     for _ in range(10):
         for s, t in zip(seqs, d.step(seqs).argmax(-1).tolist()):
             s.tokens.append(t)
@@ -271,7 +271,7 @@ def test_tgt_non_granular_index(tiny_models, repos, tgt, no_kv_cache):
     with torch.no_grad():
         free = ref_model(input_ids=torch.tensor([ids])).logits[0, -1]
     d.finish(*seqs)
-    s = SeqState(list(ids[:len(prompts[0])]))
+    s = Sequence(list(ids[:len(prompts[0])]))
     d.step([s])
     s.tokens = list(ids)
     assert (d.step([s])[0] - free).abs().max().item() > 1e-2
@@ -285,7 +285,7 @@ def test_tgt_non_granular_index_survives_preemption(tiny_models, repos):
                                    xlora_model_id=str(repo), tgt_non_granular_index=2)
     runner = loader.load(token_source="none")
     d, ids = Driver(runner), prompt_ids(runner)
-    seq = SeqState(list(ids))
+    seq = Sequence(list(ids))
     for step in range(10):
         if step == 6:
             d.scheduler._preempt(seq)  # as when an older sequence needs its blocks

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity
 
 import mistralrs
-from mistralrs.__main__ import ARCHS, DEMO_MODEL
+from mistralrs.cli import ARCHS, DEMO_MODEL
 
 PHASES = ("mistralrs.schedule", "mistralrs.forward", "mistralrs.sample", "mistralrs.detokenize")
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::mv", "aten::addmv", "aten::dot"}

@@ -23,8 +23,9 @@ from gguf import GGMLQuantizationType  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mistralrs.engine.block_manager import BlockManager  # noqa: E402
-from mistralrs.engine.model_runner import ModelRunner, SeqState  # noqa: E402
+from mistralrs.engine.model_runner import ModelRunner  # noqa: E402
 from mistralrs.engine.scheduler import Scheduler  # noqa: E402
+from mistralrs.engine.sequence import Sequence  # noqa: E402
 from mistralrs.linears import QuantLinear  # noqa: E402
 from mistralrs.models import mistral  # noqa: E402
 
@@ -94,7 +95,7 @@ def decode(model, shape: dict, dtype, device, B: int, prompt: int, steps: int) -
     scheduler = Scheduler(BlockManager(num_blocks, BLOCK_SIZE, prefix_caching=False), max_seqs=B,
                           max_batched_tokens=B * prompt)
     g = torch.Generator().manual_seed(B)
-    seqs = [SeqState(tokens=torch.randint(0, shape["vocab_size"], (prompt,), generator=g).tolist()) for _ in range(B)]
+    seqs = [Sequence(tokens=torch.randint(0, shape["vocab_size"], (prompt,), generator=g).tolist()) for _ in range(B)]
     for s in seqs:
         scheduler.add(s)
 

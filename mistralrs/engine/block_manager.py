@@ -116,7 +116,7 @@ class BlockManager:
             out.append(name)
         return out
 
-    def attach(self, seq, blocks: list[int], names: list[int]) -> int:
+    def take_prefix(self, seq, blocks: list[int], names: list[int]) -> int:
         """Start seq's table with the cached blocks of prefix(); the number of tokens whose K/V they hold."""
         for block in blocks:
             if self.refs[block] == 0:

@@ -1,7 +1,8 @@
 """The engine thread: it owns the model and turns queued requests into replies.
 
-inbox -> scheduler -> model step -> sample -> output.py (detokenize, stop checks, JSON) -> each request's reply
-queue / stream
+inbox -> scheduler -> model step -> sample -> scheduler.postprocess (the tokens join their sequences) -> output.py
+(detokenize, stop checks) -> neutral records (output.Delta, output.Final) on each request's queue; the caller's thread
+makes API bodies and JSON of them (runner.py, responses.py)
 
 Callers talk to it only through the inbox: requests, aborts (a closed stream, Runner.abort, a timeout), calls and
 STOP. The inbox is a SimpleQueue, whose put() is safe from __del__ (a dropped streamer aborts its request there).
@@ -54,10 +55,9 @@ def _stop_at_exit() -> None:
 
 
 class Engine:
-    def __init__(self, pipeline, scheduler: Scheduler, on_response=None):
-        """on_response(dict) sees every response and chunk sent (the Runner's logfile)."""
-        self.pipeline, self.scheduler, self.on_response = pipeline, scheduler, on_response
-        self.output = Output(pipeline.tokenizer, pipeline.model_id, pipeline.eos_token_ids)
+    def __init__(self, pipeline, scheduler: Scheduler):
+        self.pipeline, self.scheduler = pipeline, scheduler
+        self.output = Output(pipeline.tokenizer, pipeline.eos_token_ids)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, Request] = {}  # requests in flight by id; the engine thread's alone
         self.timed: set[Request] = set()     # those of them with a deadline (most steps have none to check)
@@ -99,12 +99,9 @@ class Engine:
             self.thread.join(timeout)
 
     def _send(self, req: Request, item) -> None:
-        """Queue a response or chunk body (a dict, made JSON by the caller's thread), END, or an error."""
-        if item is None:  # a stream chunk with nothing to say
-            return
-        if isinstance(item, dict) and self.on_response is not None:
-            self.on_response(item)
-        req.out.put(item)
+        """Queue a record (a stream's Delta, a Final), END, or an error."""
+        if item is not None:  # None: a delta with nothing to say
+            req.out.put(item)
 
     def _loop(self) -> None:
         while True:
@@ -168,39 +165,37 @@ class Engine:
 
     def _step(self) -> None:
         with phase("mistralrs.schedule"):
-            step = self.scheduler.schedule()
-            for seq in step.too_long:
+            batch = self.scheduler.schedule()
+            for seq in batch.too_long:
                 self._finish(seq, "length")
-        if not step.seqs:
+        if not batch.seqs:
             return
-        batch = step.seqs
         try:
             with phase("mistralrs.forward"):
-                logits = self.pipeline.model_runner.step(batch, self.scheduler.block_tables(batch), step.num_tokens)
+                logits = self.pipeline.model_runner.step(batch.seqs, self.scheduler.block_tables(batch.seqs),
+                                                         batch.num_tokens)
         except Exception as e:  # a failed forward fails only the requests it touched
             log.exception("engine step failed")
-            for req in {s.group for s in batch}:
+            for req in {s.group for s in batch.seqs}:
                 if not req.answered:
                     self._fail(req, e)
             return
-        # a prompt prefilled in chunks samples only after its last chunk
-        done = [i for i, s in enumerate(batch) if s.num_cached == len(s.tokens)]
-        if len(done) < len(batch):
-            batch, logits = [batch[i] for i in done], logits[done]
-        if not batch:
-            return
+        sampling = [batch.seqs[i] for i in batch.sampled]  # a prompt prefilled in chunks samples after its last
+        if len(sampling) < len(batch.seqs):
+            logits = logits[batch.sampled]
         with phase("mistralrs.sample"):
-            sampled = self._sample(batch, logits)
+            sampled = self._sample(sampling, logits) if sampling else []
+        self.scheduler.postprocess(batch, [tok for tok, _, _ in sampled])
         with phase("mistralrs.detokenize"):
-            for seq, (tok, lp, top) in zip(batch, sampled):
+            for seq, (_, lp, top) in zip(sampling, sampled):
                 if seq.group.answered:  # failed in sampling, or an earlier sequence of its request failed
                     continue
                 try:
-                    reason = self.output.advance(seq, tok, lp, top)
+                    reason = self.output.advance(seq, lp, top)
                     if reason is not None:
                         self._finish(seq, reason)
                     elif seq.group.stream:
-                        self._send(seq.group, self.output.chunk(seq))
+                        self._send(seq.group, self.output.delta(seq))
                 except Exception as e:  # fails this request alone
                     log.exception("output of request %s failed", seq.group.id)
                     self._fail(seq.group, e)
@@ -235,9 +230,9 @@ class Engine:
         self.scheduler.remove(seq)
         req = seq.group
         if req.stream:
-            self._send(req, self.output.chunk(seq))
+            self._send(req, self.output.delta(seq))
         if all(s.finished for s in req.seqs):
-            self._send(req, END if req.stream else self.output.response(req))
+            self._send(req, END if req.stream else self.output.final(req))
             req.answered = True
             self._forget(req)
 

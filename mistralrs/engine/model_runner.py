@@ -1,53 +1,42 @@
 """One forward step over a batch of sequences: new tokens and their block tables in, logits out, the paged KV cache
-updated. The scheduler has already given every sequence the blocks its tokens need (block_manager.py).
+updated. The scheduler has already given every sequence the blocks its tokens need (block_manager.py), and advances
+num_cached after the step (Scheduler.postprocess): the model runner reads sequences and writes none of their fields.
 
-Tensor parallel (tensor_parallel.py), rank 0's model runner broadcasts each step's ints (ids, positions, slots,
-block tables, context lengths, query offsets) before its forward, and the other ranks' (engine/workers.py) run the
-same forward on them in serve(): every rank builds its inputs from the same packed ints."""
+Tensor parallel, rank 0's model runner broadcasts each step's ints (metadata_lists) before its forward, and the
+other ranks run the same forward on them (tensor_parallel/group.py has the wire format, workers.py their loop)."""
 from array import array
-from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
 from ..layers import AttentionMetadata, CausalLM
+from .sequence import Sequence
 
 INT_TYPES = {"q": torch.int64, "i": torch.int32}  # array typecodes: C long long, C int
-# A step's ints, in the order metadata_lists gives them, and their tensors' typecodes.
-STEP_LISTS = (("ids", "q"), ("positions", "q"), ("slots", "q"), ("tables", "i"), ("context_lens", "i"), ("cu", "i"))
-
-
-@dataclass(eq=False)  # compared and hashed by identity: the block manager keys block tables by sequence
-class SeqState:
-    """What the model runner needs of a sequence: its tokens and how many of them the KV cache holds. num_cached is
-    advanced by the model runner after the forward that wrote those tokens' K/V, and reset by the scheduler when it
-    releases the sequence's blocks."""
-    tokens: list[int]
-    num_cached: int = 0
-    model_state: object = None  # the model's own per-sequence state (X-LoRA: frozen scalings); only it reads this
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                 no_kv_cache: bool = False, tp=None):
+                 no_kv_cache: bool = False, tp=None, per_sequence_state: bool = False):
         """kv_caches: per layer, K and V [NB, BS, KVH, D]. no_kv_cache is the loader's option, handed on to the
         Runner's scheduler, which acts on it: the forward is the same either way. tp: this process's rank of a
-        tensor-parallel model (tensor_parallel.TensorParallel), None for a model on one device."""
+        tensor-parallel model (tensor_parallel.group.TensorParallel), None for a model on one device.
+        per_sequence_state: the model keeps state per sequence (X-LoRA, in seq.model_state), so its step() takes
+        the batch's sequences too; any other model is a function of its inputs."""
         self.model, self.kv_caches, self.device, self.no_kv_cache, self.tp = model, kv_caches, device, no_kv_cache, tp
         self.num_blocks, self.block_size = kv_caches[0][0].shape[:2]
         self.weight_bytes: list[int] | None = None  # resident weight bytes of each rank, set by the loader
-        # A model that keeps state per sequence (X-LoRA, in seq.model_state) has a step() that takes the batch's
-        # sequences too; a CausalLM is a function of its inputs. (CausalLM itself has no step(): layers.py is shared
-        # by every architecture and has no reason to know about sequences.)
-        self.forward = model.step if hasattr(model, "step") else (
+        # (CausalLM has no step(): layers.py is shared by every architecture and has no reason to know sequences.)
+        self.forward = model.step if per_sequence_state else (
             lambda ids, positions, meta, kv_caches, seqs: model(ids, positions, meta, kv_caches))
 
-    def metadata_lists(self, seqs: list[SeqState], block_tables: list[list[int]], lens: list[int]
+    def metadata_lists(self, seqs: list[Sequence], block_tables: list[list[int]], lens: list[int]
                        ) -> tuple[list[int], ...]:
-        """The ints of a step (STEP_LISTS) for tokens num_cached .. lens[i] - 1 of each sequence (all its uncached
-        tokens, or a chunk of a prompt): ids, positions, cache slots, the block tables [B, width] row-major (each
-        padded with block 0, never read: past context_lens), the context lengths and the offsets of each sequence's
-        tokens. On the decode hot path (one new token per sequence) each list is one pass over the sequences."""
+        """The ints of a step, in tensor_parallel.group.STEP_LISTS' order, for tokens num_cached .. lens[i] - 1 of
+        each sequence (all its uncached tokens, or a chunk of a prompt): ids, positions, cache slots, the block
+        tables [B, width] row-major (each padded with block 0, never read: past context_lens), the context lengths
+        and the offsets of each sequence's tokens. On the decode hot path (one new token per sequence) each list is
+        one pass over the sequences."""
         BS = self.block_size
         new = [n - s.num_cached for s, n in zip(seqs, lens)]
         if new.count(1) == len(new):  # decode (or chunks of one token)
@@ -68,7 +57,7 @@ class ModelRunner:
             tables += [0] * (width - len(table))
         return ids, positions, slots, tables, lens, cu
 
-    def metadata(self, seqs: list[SeqState], block_tables: list[list[int]], lens: list[int]
+    def metadata(self, seqs: list[Sequence], block_tables: list[list[int]], lens: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Input ids, positions and attention metadata of the step metadata_lists describes."""
         ids, positions, slots, tables, lens, cu = self.metadata_lists(seqs, block_tables, lens)
@@ -79,18 +68,6 @@ class ModelRunner:
                                  max_seqlen_q=longest)
         return self._ints(ids, "q"), self._ints(positions, "q"), meta
 
-    def unpack(self, header: torch.Tensor, payload: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """metadata() of a step's ints as tensor_parallel.send_step packs them: int64 payload, lengths in header[2:]."""
-        sizes = header[2:].tolist()
-        parts = {name: x.to(self.device, INT_TYPES[code])
-                 for (name, code), x in zip(STEP_LISTS, payload.split(sizes))}
-        cu, B = payload[sum(sizes[:-1]):], sizes[4]  # the offsets, on the CPU; B: one context length a sequence
-        meta = AttentionMetadata(slot_mapping=parts["slots"], block_tables=parts["tables"].view(B, -1),
-                                 context_lens=parts["context_lens"], cu_seqlens_q=parts["cu"],
-                                 max_seqlen_q=int((cu[1:] - cu[:-1]).max()))
-        return parts["ids"], parts["positions"], meta
-
     def _ints(self, values: list[int], typecode: str) -> torch.Tensor:
         """A 1-D int64 ("q") or int32 ("i") tensor of a non-empty list. torch.frombuffer over an array.array costs
         about a third of torch.tensor(list), which parses the list element by element; six of these run per step."""
@@ -98,7 +75,7 @@ class ModelRunner:
         return x if self.device.type == "cpu" else x.to(self.device)
 
     @torch.inference_mode()
-    def step(self, seqs: list[SeqState], block_tables: list[list[int]], num_tokens: list[int] | None = None,
+    def step(self, seqs: list[Sequence], block_tables: list[list[int]], num_tokens: list[int] | None = None,
              all_logits: bool = False) -> torch.Tensor:
         """Run the next num_tokens[i] uncached tokens of each sequence (default: all); logits [B, V] at each one's
         last computed token, or [T, V] for all of them. block_tables[i]: the blocks of seqs[i], enough for them."""
@@ -108,27 +85,18 @@ class ModelRunner:
             ids, positions, meta = self.metadata(seqs, block_tables, lens)
         else:
             self.tp.check()
-            ids, positions, meta = self.unpack(*self.tp.send_step(self.metadata_lists(seqs, block_tables, lens),
-                                                                  all_logits))
-        logits = self._run(ids, positions, meta, seqs, all_logits)
-        for s, n in zip(seqs, lens):
-            s.num_cached = n
-        return logits
+            ids, positions, meta = self.tp.send_step(self.metadata_lists(seqs, block_tables, lens), all_logits)
+        return self.run(ids, positions, meta, all_logits, seqs)
 
-    def _run(self, ids, positions, meta: AttentionMetadata, seqs, all_logits: bool) -> torch.Tensor | None:
+    def run(self, ids, positions, meta: AttentionMetadata, all_logits: bool, seqs=None) -> torch.Tensor | None:
+        """The forward of a step's inputs: logits of each sequence's last token, or of every token (None on a
+        tensor-parallel rank > 0, whose logits rank 0 gathers)."""
         hidden = self.forward(ids, positions, meta, self.kv_caches, seqs)
         if not all_logits and not meta.is_decode:  # in a decode step every token is its sequence's last already
             hidden = hidden[meta.cu_seqlens_q[1:].long() - 1]  # [B, hidden]: the last new token of each sequence
         return self.model.logits(hidden)
 
-    @torch.inference_mode()
-    def serve(self) -> None:
-        """Ranks > 0 of a tensor-parallel model: run the steps rank 0 sends, until it closes the model."""
-        while (step := self.tp.receive_step(len(STEP_LISTS))) is not None:
-            header, payload = step
-            self._run(*self.unpack(header, payload), None, bool(header[1]))
-
     def close(self) -> None:
         """Rank 0 of a tensor-parallel model: end the other ranks and the process group. Idempotent."""
         if self.tp is not None:
-            self.tp.close(len(STEP_LISTS))
+            self.tp.close()

@@ -1,21 +1,51 @@
-"""The engine's output side: a sampled token becomes text, meets the stop checks, and leaves in an OpenAI body.
+"""The engine's output side: a sampled token becomes text, meets the stop checks, and leaves in a neutral record.
 
-advance(seq, token): the token joins the sequence; EOS, stop tokens, the grammar's end, the length limit and stop
-strings decide whether it finishes. chunk(seq): a stream's next chunk, holding back text that may still turn into a
-stop string. response(req): the final response once every sequence of the request has finished.
+advance(seq): the sequence's new last token (Scheduler.postprocess appended it) extends its text; EOS, stop tokens,
+the grammar's end, the length limit and stop strings decide whether it finishes. delta(seq): a stream's next Delta,
+holding back text that may still turn into a stop string. final(req): the whole answer once every sequence of the
+request has finished. The records hold text, token ids and raw logprobs; the caller's thread makes API bodies of them
+(responses.py), decoding logprob tokens there, off the engine thread.
 """
-from .. import responses
+from dataclasses import dataclass
+from typing import NamedTuple
+
 from .sequence import Request, Sequence
 
 
-class Output:
-    def __init__(self, tokenizer, model_id: str, eos_token_ids):
-        self.tokenizer, self.model_id, self.eos_token_ids = tokenizer, model_id, eos_token_ids
+class Usage(NamedTuple):
+    prompt_tokens: int
+    completion_tokens: int
 
-    def advance(self, seq: Sequence, token: int, logprob: float | None, top) -> str | None:
-        """Append a sampled token to seq and extend its text; the finish reason when the token ends it.
-        logprob is None when the request needs none (no logprobs reported, no best_of ranking)."""
-        seq.tokens.append(token)
+
+@dataclass(frozen=True)
+class Delta:
+    """What one choice of a request adds to its answer."""
+    index: int                 # the choice
+    text: str                  # its new text (a stream's possible stop string held back until ruled out)
+    token_ids: list[int]       # the tokens generated since its last delta (EOS and stop tokens too)
+    logprobs: list | None      # when the request asked: per token of token_ids, (token, logprob, [(top token,
+                               # top logprob), ...])
+    finish_reason: str | None  # on its last delta: "stop", "length" or "error"
+    usage: Usage | None        # on its last delta: the prompt's and this choice's tokens
+
+
+@dataclass(frozen=True)
+class Final:
+    """A request's whole answer: the choices it returns, each as one Delta of all its text and tokens (best_of's
+    best first, indexed from 0), and the usage of every candidate generated."""
+    choices: list[Delta]
+    usage: Usage
+
+
+class Output:
+    def __init__(self, tokenizer, eos_token_ids):
+        self.tokenizer, self.eos_token_ids = tokenizer, eos_token_ids
+
+    def advance(self, seq: Sequence, logprob: float | None, top) -> str | None:
+        """Extend seq's text with its newly sampled last token; the finish reason when the token ends it. logprob
+        (and top, its top_logprobs pairs) is None when the request needs none (no logprobs reported, no best_of
+        ranking)."""
+        token = seq.tokens[-1]
         if logprob is not None:
             seq.cum_logprob += logprob
         if seq.group.logprobs:
@@ -35,43 +65,27 @@ class Output:
                 seq.text, reason = seq.text[: before + at], "stop"
         return reason
 
-    def chunk(self, seq: Sequence) -> dict | None:
-        """The stream chunk of seq's text not sent yet: all of it once seq has finished (with its finish reason and
-        usage), else what cannot be the start of a stop string. None when there is nothing to send."""
-        req, reason = seq.group, seq.finish_reason
+    def delta(self, seq: Sequence) -> Delta | None:
+        """seq's text and tokens not sent yet: all of them once seq has finished (with its finish reason and usage),
+        else the text that cannot be the start of a stop string. None when there is no text to send."""
+        reason = seq.finish_reason
         upto = len(seq.text) if reason or seq.stops is None else len(seq.text) - seq.stops.held()
-        delta = seq.text[seq.streamed:upto]
-        if not delta and reason is None:
+        text = seq.text[seq.streamed:upto]
+        if not text and reason is None:
             return None
-        use = responses.usage(seq.prompt_len, len(seq.completion)) if reason else None
-        if req.chat:
-            lps = None
-            if req.logprobs:  # every token since the last chunk, also those whose text was held back
-                lps = responses.chat_logprobs(self.tokenizer, seq.logprobs[seq.logprobs_streamed:])
-                seq.logprobs_streamed = len(seq.logprobs)
-            chunk = responses.chat_chunk(req.id, self.model_id, req.created, seq.index, delta, reason, lps,
-                                         seq.streamed == 0, use)
-        else:
-            text = (req.echo if seq.streamed == 0 else "") + delta + (req.suffix if reason else "")
-            chunk = responses.completion(req.id, self.model_id, req.created,
-                                         [responses.completion_choice(seq.index, text, reason)], use)
-        seq.streamed = upto
-        return chunk
+        new = seq.tokens[seq.prompt_len + seq.tokens_sent:]
+        logprobs = seq.logprobs[seq.tokens_sent:] if seq.group.logprobs else None  # one entry per completion token
+        seq.streamed, seq.tokens_sent = upto, seq.tokens_sent + len(new)
+        return Delta(seq.index, text, new, logprobs, reason,
+                     Usage(seq.prompt_len, len(seq.completion)) if reason else None)
 
-    def response(self, req: Request) -> dict:
+    def final(self, req: Request) -> Final:
         """The whole answer: best_of keeps the n_return candidates of highest cumulative logprob, best first."""
         best = sorted(req.seqs, key=lambda s: -s.cum_logprob)[: req.n_return] if len(req.seqs) > req.n_return \
             else req.seqs
-        use = responses.usage(req.seqs[0].prompt_len, sum(len(s.completion) for s in req.seqs))
-        if req.chat:
-            choices = [responses.chat_choice(i, s.text, s.finish_reason,
-                                             responses.chat_logprobs(self.tokenizer, s.logprobs) if req.logprobs
-                                             else None)
-                       for i, s in enumerate(best)]
-            return responses.chat_completion(req.id, self.model_id, req.created, choices, use)
-        choices = [responses.completion_choice(i, req.echo + s.text + req.suffix, s.finish_reason)
+        choices = [Delta(i, s.text, s.completion, s.logprobs if req.logprobs else None, s.finish_reason, None)
                    for i, s in enumerate(best)]
-        return responses.completion(req.id, self.model_id, req.created, choices, use)
+        return Final(choices, Usage(req.seqs[0].prompt_len, sum(len(s.completion) for s in req.seqs)))
 
 
 def detokenize(tokenizer, seq: Sequence, end: int, final: bool) -> None:

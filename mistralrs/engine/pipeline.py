@@ -21,3 +21,5 @@ class Pipeline:
     repeat_last_n: int
     device: torch.device
     dtype: torch.dtype
+    threads: int  # CPU threads of the engine thread: load's `threads` (a CPU tensor-parallel model's ranks share them)
+    whole_prompt_steps: bool  # the model must see a sequence's whole prompt in one step (models/xlora.py)

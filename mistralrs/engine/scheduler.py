@@ -11,7 +11,8 @@ block is being computed in this very step by the one admitted before it (a choic
 the same system prompt) waits one step and then shares it. When a running sequence cannot get a block, the most
 recently admitted one is preempted: its blocks are released and it waits to be recomputed from its tokens (its
 prefix usually still cached). Every sequence of a step gets its blocks here, before the model runs; the model runner
-only reads the block tables.
+only reads the block tables. After the step, postprocess advances each sequence (its cached tokens, its sampled
+token): the scheduler is the one writer of a sequence's progress.
 
 chunked=False (a model whose step must see a sequence's whole prompt at once: X-LoRA freezing its scalings at a
 prompt position) admits whole prompts only, one over the budget alone in its step, and no prefix caching.
@@ -20,16 +21,19 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .model_runner import SeqState
+from .sequence import Sequence
 
 
 @dataclass
 class Batch:
-    seqs: list[SeqState] = field(default_factory=list)      # decodes first, then prefills
+    seqs: list[Sequence] = field(default_factory=list)      # decodes first, then prefills
     num_tokens: list[int] = field(default_factory=list)     # tokens each computes in this step
-    too_long: list[SeqState] = field(default_factory=list)  # can never fit the cache: for the caller to finish
+    sampled: list[int] = field(default_factory=list)        # rows that compute their last token: they sample one
+    too_long: list[Sequence] = field(default_factory=list)  # can never fit the cache: for the caller to finish
 
-    def add(self, seq: SeqState, n: int) -> None:
+    def add(self, seq: Sequence, n: int) -> None:
+        if seq.num_cached + n == len(seq.tokens):  # not a prompt's chunk before its last
+            self.sampled.append(len(self.seqs))
         self.seqs.append(seq)
         self.num_tokens.append(n)
 
@@ -43,8 +47,8 @@ class Scheduler:
         self.no_kv_cache, self.chunked = no_kv_cache, chunked
         if no_kv_cache or not chunked:
             blocks.prefix_caching = False
-        self.waiting: deque[SeqState] = deque()
-        self.running: list[SeqState] = []
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.preemptions = 0
 
     @property
@@ -52,16 +56,16 @@ class Scheduler:
         """Tokens the KV cache can ever hold for one sequence."""
         return self.blocks.capacity
 
-    def add(self, seq: SeqState) -> None:
+    def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def block_tables(self, seqs: list[SeqState]) -> list[list[int]]:
+    def block_tables(self, seqs: list[Sequence]) -> list[list[int]]:
         return [self.blocks.table(s) for s in seqs]
 
-    def remove(self, seq: SeqState) -> None:
+    def remove(self, seq: Sequence) -> None:
         self._release(seq)
         if seq in self.running:
             self.running.remove(seq)
@@ -86,11 +90,23 @@ class Scheduler:
             self._release(seq)
         self.running, self.waiting = [], deque()
 
-    def _release(self, seq: SeqState) -> None:
+    def postprocess(self, batch: Batch, tokens: list[int | None]) -> None:
+        """After a step: each sequence of the batch has its computed tokens' K/V cached, and each sampled row
+        (batch.sampled, in order) gains its token from tokens (None: that row's sampling failed). A sequence that
+        finished during the step (its request failed) has been released: it is left as it is."""
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if not seq.finished:
+                seq.num_cached += n
+        for row, token in zip(batch.sampled, tokens, strict=True):
+            seq = batch.seqs[row]
+            if token is not None and not seq.finished:
+                seq.tokens.append(token)
+
+    def _release(self, seq: Sequence) -> None:
         self.blocks.release(seq)
         seq.num_cached = 0
 
-    def _preempt(self, seq: SeqState) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self.preemptions += 1
         self.running.remove(seq)
         self._release(seq)
@@ -157,7 +173,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            seq.num_cached = blocks.attach(seq, cached, names)
+            seq.num_cached = blocks.take_prefix(seq, cached, names)
             blocks.grow(seq, seq.num_cached + n)
             pending.update(blocks.names_through(seq, seq.num_cached + n))
             batch.add(seq, n)

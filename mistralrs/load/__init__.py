@@ -1,5 +1,6 @@
-"""The loading side: files -> a model file's modules and a tokenizer (loader.py drives it).
+"""The loading side: files -> a model file's modules and a tokenizer -> the Pipeline a Runner serves.
 
+    model.py              the pipeline (loader.py calls it): read, the post-build passes in order, KV cache, memory
     hub.py                a local directory, or huggingface_hub's cache and downloads
     safetensors.py        checkpoints -> state dicts through each model file's rename list
     gguf.py, ggml.py      GGUF files (bounds-checked, through gguf-py) and legacy GGJT files -> metadata + raw tensors

@@ -17,7 +17,7 @@ from ..kernels.dequant import dequantize
 from ..layers import CausalLM
 from ..linears import QuantEmbedding, QuantLinear
 from ..model_args import check_args
-from ..tensor_parallel import Shard, local_args
+from ..tensor_parallel.shard import Shard, local_args
 from .gguf import GGUFFile, RawTensor
 from .safetensors import load_state
 
@@ -103,7 +103,7 @@ def load_gguf_model(module, gfile: GGUFFile, dtype: torch.dtype, device: torch.d
     The caller has checked that general.architecture is one of module.GGUF_ARCHITECTURES. The model file declares
     its GGUF_NAMES map (a value may be {architecture: our name} where the files' architectures differ, as Gemma's
     do) and llama.cpp's layout changes to undo (GGUF_PERMUTED_QK, GGUF_NORM_PLUS_ONE). tp: the model is this
-    rank's shard (tensor_parallel.py), and only its slices of the file are copied."""
+    rank's shard (tensor_parallel/shard.py), and only its slices of the file are copied."""
     path, tensors = gfile.path, gfile.tensors
     arch = gfile.metadata["general.architecture"]
     if "token_embd.weight" not in tensors:

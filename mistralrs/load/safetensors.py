@@ -29,7 +29,7 @@ def _open(path: Path):
 def read_safetensors(files: list[Path], renames: list[tuple[str, str]], dtype: torch.dtype,
                      device: torch.device, shard=None) -> dict[str, torch.Tensor]:
     """Every tensor of the files, renamed to our module names and cast to `dtype`, with a progress bar. shard (a
-    tensor_parallel.Shard): only this rank's slice of each tensor is read."""
+    tensor_parallel.shard.Shard): only this rank's slice of each tensor is read."""
     handles = [_open(f) for f in files]
     total = sum(len(h.keys()) for h in handles)
     state = {}

@@ -1,4 +1,5 @@
-"""X-LoRA: the ordering file, the X-LoRA config, the LoRA adapters and the classifier, and the two-pass forward.
+"""X-LoRA's files, every one of them read here: the ordering file, the X-LoRA config, the LoRA adapters and the
+classifier; and the model they make of a base (load_xlora, one of load/model.py's passes).
 
 An X-LoRA repo (xlora_model_id, a local directory or a hub repo) holds
     xlora_config.json               or PEFT's adapter_config.json with "peft_type": "XLORA"
@@ -8,7 +9,7 @@ An X-LoRA repo (xlora_model_id, a local directory or a hub repo) holds
 The ordering file gives the adapter order (the classifier's output index of each adapter) and the index of every
 LoRA linear in the classifier's layer axis, keyed by its Hugging Face module name.
 
-The classifier and the two-pass model are in xlora_model.py.
+The classifier and the two-pass model are models/xlora.py's.
 """
 import math
 import re
@@ -17,9 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
+from ..layers import CausalLM
+from ..linears import QuantLinear, XLoraContext, XLoraLinear
 from ..model_args import read_json
+from ..models.xlora import Classifier, XLoraCausalLM, XLoraConfig
 from . import hub
+from .safetensors import rename
 
 CLASSIFIER_PREFIX = "internal_xlora_classifier."
 
@@ -29,23 +35,6 @@ class Ordering:
     order: list[str]          # adapter names, in classifier output order
     layers: dict[str, int]    # Hugging Face module name -> index in the scalings' layer axis
     base_model_id: str | None
-
-
-@dataclass
-class XLoraConfig:
-    hidden_size: int
-    adapters: list[str]
-    xlora_depth: int = 1
-    xlora_size: int = 2048
-    layerwise_scalings: bool = False
-    enable_relu_and_dropout: bool = True  # PEFT always puts a ReLU between classifier layers
-    enable_softmax: bool = True
-    softmax_temperature: float = 1.0
-    scaling_pass_value: float = 0.0
-    global_scaling_weight: float = 1.0
-    top_k_lora: int | None = None
-    enable_softmax_topk: bool = False
-    base_model_id: str | None = None
 
 
 def read_ordering(path) -> Ordering:
@@ -167,3 +156,100 @@ def stack(module: str, adapters: list[Adapter], dtype, device) -> tuple[torch.Te
             lora_a[i, :A.shape[0]] = A
             lora_b[i, :, :B.shape[1]] = B
     return lora_a, lora_b
+
+
+def read_classifier(xlora_model_id: str, cfg: XLoraConfig, n_layers: int, dtype, device, **kw) -> Classifier:
+    path = hub.optional_repo_file(xlora_model_id, "xlora_classifier.safetensors", **kw)
+    path = path or hub.optional_repo_file(xlora_model_id, "adapter_model.safetensors", **kw)
+    if path is None:
+        raise FileNotFoundError(f"xlora_model_id {xlora_model_id!r} has no xlora_classifier.safetensors (nor PEFT's "
+                                f"adapter_model.safetensors)")
+    params: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in read_tensors(path).items():
+        key = key[key.index(CLASSIFIER_PREFIX) + len(CLASSIFIER_PREFIX):] if CLASSIFIER_PREFIX in key else key
+        layer, _, kind = key.rpartition(".")
+        params.setdefault(layer, {})[kind] = t
+
+    def order(layer):  # layers.{i} (PEFT's nn.Sequential), or inner.{k} then last (mistral.rs)
+        m = re.fullmatch(r"(?:layers|inner)\.(\d+)", layer)
+        return int(m.group(1)) if m else math.inf if layer == "last" else None
+    if any(order(k) is None for k in params) or any("weight" not in p for p in params.values()):
+        raise ValueError(f"{path}: classifier tensors must be [internal_xlora_classifier.]layers.<i>.weight/bias "
+                         f"or inner.<k>/last.weight/bias, got {sorted(params)}")
+    layers = [params[k] for k in sorted(params, key=order)]
+    A = len(cfg.adapters)
+    out_last = A * n_layers if cfg.layerwise_scalings else A
+    shapes = [(cfg.xlora_size, cfg.hidden_size)] + [(cfg.xlora_size, cfg.xlora_size)] * (cfg.xlora_depth - 2)
+    shapes.append((out_last, cfg.xlora_size if cfg.xlora_depth >= 2 else cfg.hidden_size))
+    shapes = shapes[-cfg.xlora_depth:]
+    got = [tuple(p["weight"].shape) for p in layers]
+    if got != shapes:
+        raise ValueError(f"{path}: classifier weight shapes {got} do not match xlora_depth={cfg.xlora_depth}, "
+                         f"xlora_size={cfg.xlora_size}, hidden_size={cfg.hidden_size}, {A} adapters, {n_layers} "
+                         f"LoRA layers, layerwise_scalings={cfg.layerwise_scalings}: expected {shapes}")
+    linears = []
+    for p in layers:
+        linear = nn.Linear(p["weight"].shape[1], p["weight"].shape[0], bias="bias" in p, dtype=dtype, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(p["weight"])
+            if "bias" in p:
+                linear.bias.copy_(p["bias"])
+        linears.append(linear)
+    return Classifier(cfg, linears, n_layers, A).requires_grad_(False)
+
+
+def wrap(model: CausalLM, renames, ordering: Ordering, cfg: XLoraConfig, adapters: list[Adapter],
+         classifier: Classifier, order_file) -> XLoraCausalLM:
+    """Swap every linear named in the ordering for an XLoraLinear over the adapters (in ordering order)."""
+    covered = set(ordering.layers)
+    for a in adapters:
+        extra = sorted(set(a.weights) - covered)
+        if extra:
+            raise ValueError(f"adapter {a.name!r} has LoRA weights for {extra[:3]}, which order_file {order_file} "
+                             f"does not list in 'layers'")
+    ctx = XLoraContext()
+    # The final norm's dtype is the activation dtype, also when the linears hold GGUF blocks.
+    dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
+    scale = torch.tensor([a.scale * cfg.global_scaling_weight for a in adapters], dtype=torch.float32,
+                         device=device)
+    for hf_name, index in ordering.layers.items():
+        if not any(hf_name in a.weights for a in adapters):
+            raise ValueError(f"order_file {order_file}: layer {hf_name!r} has LoRA weights in none of the adapters")
+        name = rename(hf_name + ".", renames)[:-1]  # the renames match whole name components, dots included
+        # lm_head runs after the real pass, outside its scalings; an expert sees only its routed tokens.
+        if name == "lm_head" or ".experts." in name:
+            raise ValueError(f"order_file {order_file}: X-LoRA on {hf_name!r} (lm_head or a MoE expert) is not "
+                             f"supported")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"order_file {order_file}: layer {hf_name!r} is not a module of the base model") from None
+        if not isinstance(linear, (nn.Linear, QuantLinear)):
+            raise ValueError(f"order_file {order_file}: layer {hf_name!r} is a {type(linear).__name__}, not a "
+                             f"linear layer")
+        lora_a, lora_b = stack(hf_name, adapters, dtype, device)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, XLoraLinear(linear, lora_a, lora_b, scale, index, ctx))
+    return XLoraCausalLM(model, classifier.to(device), ctx, cfg)
+
+
+def load_xlora(model: CausalLM, renames, model_id: str, order_file, xlora_model_id: str, hidden_size: int,
+               dtype, device, tgt_non_granular_index=None, **kw) -> XLoraCausalLM:
+    """Read the ordering, config, adapters and classifier, check them against each other, and wrap `model`."""
+    ordering = read_ordering(order_file)
+    check_base_model(ordering, model_id, order_file)
+    cfg, cfg_path = read_xlora_config(xlora_model_id, **kw)
+    if cfg.hidden_size != hidden_size:
+        raise ValueError(f"{cfg_path}: hidden_size {cfg.hidden_size} does not match the base model's {hidden_size}")
+    if set(cfg.adapters) != set(ordering.order):
+        raise ValueError(f"order_file {order_file}: 'order' {ordering.order} does not name the same adapters as "
+                         f"{cfg_path} 'adapters' {cfg.adapters}")
+    cfg.adapters = list(ordering.order)
+    adapters = [read_adapter(xlora_model_id, name, **kw) for name in ordering.order]
+    classifier = read_classifier(xlora_model_id, cfg, len(ordering.layers), dtype, device, **kw)
+    if tgt_non_granular_index is not None and (not isinstance(tgt_non_granular_index, int) or isinstance(
+            tgt_non_granular_index, bool) or tgt_non_granular_index < 0):
+        raise ValueError(f"tgt_non_granular_index must be None or an int >= 0, got {tgt_non_granular_index!r}")
+    xlora = wrap(model, renames, ordering, cfg, adapters, classifier, order_file)
+    xlora.tgt_non_granular_index = tgt_non_granular_index
+    return xlora

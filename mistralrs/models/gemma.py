@@ -146,7 +146,7 @@ def _gemma3_rope(cfg: dict) -> tuple[float, dict | None, float]:
 class SandwichBlock(nn.Module):
     """x + post_attention_layernorm(attn(input_layernorm(x))), then
     h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))): Gemma 2 and 3."""
-    tp = None  # tensor parallel: attn and mlp give partial sums, added up before their norms (tensor_parallel.py)
+    tp = None  # tensor parallel: attn and mlp give partial sums, added up before their norms (tensor_parallel/)
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float):
         super().__init__()

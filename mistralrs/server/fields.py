@@ -1,4 +1,4 @@
-"""OpenAI request bodies -> the API's ChatCompletionRequest / CompletionRequest (server.py).
+"""OpenAI request bodies -> the API's ChatCompletionRequest / CompletionRequest (app.py).
 
 OpenAI name -> ours: n -> n_choices; max_tokens or max_completion_tokens -> max_tokens; stop (a string or a list) ->
 stop_seqs; echo -> echo_prompt; response_format {"type": "json_object"} or {"type": "json_schema", "json_schema":
@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from .requests import ChatCompletionRequest, CompletionRequest
+from ..requests import ChatCompletionRequest, CompletionRequest
 
 SHARED = {"model", "n", "max_tokens", "stop", "seed", "logit_bias", "presence_penalty", "frequency_penalty",
           "temperature", "top_p", "stream", "stream_options", "top_k", "grammar", "grammar_type"}

@@ -1,15 +1,18 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one Runner (uvicorn serves them).
 
     POST /v1/chat/completions, /v1/completions   OpenAI bodies -> ChatCompletionRequest / CompletionRequest; the
-                                                 Runner's JSON back, or server-sent events ending in [DONE]
+                                                 Runner's response body back, or server-sent events of its stream's
+                                                 chunks ending in [DONE] (the Runner hands both over as dicts:
+                                                 each is serialised once, here)
     GET  /v1/models, /health, /metrics           the served model; liveness (503 while loading); prometheus
 
 The Runner calls block, so they run in the thread pool; a stream's chunks are pulled there one by one. A client that
 goes away aborts its request (the streamer is closed; a waiting non-stream call is aborted by id) at the next engine
 step. Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}: 400 for a bad field (named in
 "param"), 401 without the API key, 404 for an unknown route or model, 413 for a body over the limit, 503 while the
-model loads, 500 only for bugs. Field mapping and what is ignored: server_fields.py and the README.
+model loads, 500 only for bugs. Field mapping and what is ignored: fields.py and the README.
 """
+import argparse
 import asyncio
 import json
 import logging
@@ -22,9 +25,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .runner import RequestAborted
-from .server_fields import APIError, chat_request, completion_request, include_usage, param_of
-from .server_metrics import Metrics
+from .. import cli
+from ..runner import RequestAborted
+from .fields import APIError, chat_request, completion_request, include_usage, param_of
+from .metrics import Metrics
 
 log = logging.getLogger("mistralrs")
 MAX_BODY_BYTES = 4 << 20
@@ -94,10 +98,10 @@ class Server:
                                             "owned_by": "mistralrs"}]}
 
     async def chat(self, request: Request):
-        return await self._serve(request, chat_request, self.runner.send_chat_completion_request)
+        return await self._serve(request, chat_request, self.runner.chat_completion)
 
     async def completions(self, request: Request):
-        return await self._serve(request, completion_request, self.runner.send_completion_request)
+        return await self._serve(request, completion_request, self.runner.completion)
 
     async def _serve(self, request: Request, make, send):
         try:
@@ -121,9 +125,8 @@ class Server:
         if req.stream:
             return StreamingResponse(self._events(result, include_usage(body), start), headers=headers,
                                      media_type="text/event-stream")
-        out = json.loads(result)
-        self.metrics.served(out.get("usage"), time.perf_counter() - start)
-        return JSONResponse(out, headers=headers)
+        self.metrics.served(result.get("usage"), time.perf_counter() - start)
+        return JSONResponse(result, headers=headers)
 
     async def _body(self, request: Request) -> dict:
         raw = await request.body()
@@ -157,8 +160,7 @@ class Server:
         last = first = None
         body = {}
         try:
-            async for text in iterate_in_threadpool(streamer):
-                body = json.loads(text)
+            async for body in iterate_in_threadpool(streamer.bodies()):
                 now = time.perf_counter()
                 self.metrics.token_gap(now - (last or start), first=first is None)
                 first, last = first or now, now
@@ -201,12 +203,9 @@ def serve(load, model_name: str, host: str = "127.0.0.1", port: int = 8000, api_
 
 def main(argv=None) -> None:
     """mistralrs-server / python -m mistralrs serve: the loader flags of python -m mistralrs, plus where to listen."""
-    import argparse
-
-    from .__main__ import DEMO_MODEL, add_model_args, load
     ap = argparse.ArgumentParser(prog="mistralrs-server", description="The OpenAI-compatible server. With no model "
                                  "flag it serves the built-in demo model.")
-    add_model_args(ap)
+    cli.add_model_args(ap)
     ap.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", help="require 'Authorization: Bearer <key>' on every route but /health")
@@ -214,8 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    name = a.served_model_name or a.gguf or a.model_id or DEMO_MODEL.name
+    name = a.served_model_name or a.gguf or a.model_id or cli.DEMO_MODEL.name
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: no HTTP, they serve rank 0's steps
-        load(a)
+        cli.load(a)
         return
-    serve(lambda: load(a), name, a.host, a.port, a.api_key, a.max_body_bytes)
+    serve(lambda: cli.load(a), name, a.host, a.port, a.api_key, a.max_body_bytes)

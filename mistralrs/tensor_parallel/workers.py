@@ -1,10 +1,10 @@
-"""The ranks of a tensor-parallel model (tensor_parallel.py) and their processes.
+"""The ranks of a tensor-parallel model and their processes.
 
 load(tensor_parallel_size=N) in a plain process makes it rank 0 and spawns ranks 1 .. N-1 (torch.multiprocessing,
 spawn: a fork would copy the caller's threads and CUDA state). Each loads its own shard of the files, then runs in
-ModelRunner.serve() the steps rank 0 broadcasts, until rank 0 closes the model. Launched by torchrun, every process
-runs the caller's script: load() joins the process group torchrun describes (or the one the script made), and on
-ranks > 0 it serves rank 0 and returns None once rank 0 closes its Runner.
+serve() the steps rank 0 broadcasts (group.py) through its model runner's forward, until rank 0 closes the model.
+Launched by torchrun, every process runs the caller's script: load() joins the process group torchrun describes (or
+the one the script made), and on ranks > 0 it serves rank 0 and returns None once rank 0 closes its Runner.
 
 A worker that exits, whatever the cause, is seen by rank 0 at its next collective (gloo and NCCL raise when a peer's
 connection closes) or before its next step (Workers.dead): the model then fails every step with TensorParallelError.
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .. import kernels
-from ..tensor_parallel import TIMEOUT, TensorParallel
+from .group import TIMEOUT, TensorParallel
 
 log = logging.getLogger("mistralrs")
 JOIN_S = 30  # how long close() waits for a worker to exit before it is killed
@@ -96,9 +96,10 @@ def _groups(device: torch.device):
     return None, None
 
 
-def start(loader, world: int, device: torch.device, threads: int, shard_kwargs: dict) -> TensorParallel:
+def start(load_shard, world: int, device: torch.device, threads: int, shard_kwargs: dict) -> TensorParallel:
     """This process's rank: joined to torchrun's (or the script's) process group when there is one, else rank 0 of
-    `world` ranks whose other N - 1 it spawns, each calling loader.load_shard(**shard_kwargs) on its own device."""
+    `world` ranks whose other N - 1 it spawns, each calling load_shard(device=, tp=, **shard_kwargs) on its own
+    device (load_shard: load/model.py's, given the loader; picklable)."""
     if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ:
         return _join_launched(world, device)
     ranks = devices(device, world)
@@ -107,8 +108,8 @@ def start(loader, world: int, device: torch.device, threads: int, shard_kwargs: 
     procs, conns = [], []
     for rank in range(1, world):
         ours, theirs = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(rank, world, store.port, ranks[rank], threads, loader, shard_kwargs,
-                                              theirs), name=f"mistralrs-tp{rank}", daemon=True)
+        p = ctx.Process(target=_worker, args=(rank, world, store.port, ranks[rank], threads, load_shard,
+                                              shard_kwargs, theirs), name=f"mistralrs-tp{rank}", daemon=True)
         p.start()
         theirs.close()
         procs.append(p)
@@ -143,7 +144,7 @@ def _connect(rank: int, world: int, store, device: torch.device, workers: Worker
     return TensorParallel(rank, world, device, *_groups(device), owns_group=True, workers=workers)
 
 
-def _worker(rank: int, world: int, port: int, device: torch.device, threads: int, loader, shard_kwargs: dict,
+def _worker(rank: int, world: int, port: int, device: torch.device, threads: int, load_shard, shard_kwargs: dict,
             conn) -> None:
     """A spawned rank: join the group, load the shard, serve rank 0's steps. A failure before serving goes to rank 0
     through conn; rank 0 leaving (its close, or its death) ends the loop. Ctrl-C is rank 0's to handle: a terminal
@@ -157,18 +158,21 @@ def _worker(rank: int, world: int, port: int, device: torch.device, threads: int
         conn.send(STARTED)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=60))
         tp = _connect(rank, world, store, device)
-        _, model_runner = loader.load_shard(device=device, tp=tp, **shard_kwargs)
+        _, model_runner = load_shard(device=device, tp=tp, **shard_kwargs)
     except BaseException as e:
         conn.send(f"{type(e).__name__}: {e}")
         raise SystemExit(1) from None
     serve(model_runner)
 
 
+@torch.inference_mode()
 def serve(model_runner) -> None:
-    """Run rank 0's steps until it closes the model; then leave the process group."""
+    """Ranks > 0: run the steps rank 0 sends, until it closes the model; then leave the process group."""
     tp = model_runner.tp
     try:
-        model_runner.serve()
+        while (step := tp.receive_step()) is not None:
+            ids, positions, meta, all_logits = step
+            model_runner.run(ids, positions, meta, all_logits)
     except RuntimeError as e:  # rank 0 or another rank is gone: nothing left to serve
         log.error("tensor-parallel rank %d: %s; leaving", tp.rank, e)
     if tp.owns_group:
