@@ -1,6 +1,14 @@
 """The public kernel ops, and the one place that picks an implementation for them. Each op has one name across this
-dispatch, its Triton launcher (kernels/<family>.py), its reference (kernels/reference.py), its CPU kernel where it has
-one (kernels/<family>_cpu.py), its test (tests/test_<op>.py) and its benchmark (benchmarks/bench_<op>.py).
+dispatch, its Triton launcher (kernels/<family>.py), its reference with its FLOP and byte counts (kernels/reference.py)
+and its CPU kernel where it has one (kernels/<family>_cpu.py). Tests and benchmarks, by op:
+    store_kv, paged_attention,       tests/test_paged_attention.py, benchmarks/bench_paged_attention.py
+      paged_decode_attention
+    rms_norm, rotary_embedding       tests/test_rowwise.py (no benchmark of their own: one pass over T x C floats;
+                                     tools/profile_engine.py shows their share of a step)
+    linear                           tests/test_linear.py, benchmarks/bench_linear.py
+    gguf_matmul, gguf_rows           tests/test_gguf_matmul.py, benchmarks/bench_gguf_matmul.py
+    xlora_mix                        tests/test_xlora_mix.py, benchmarks/bench_xlora_mix.py
+A row of every CPU op is computed the same way whatever the other rows (tests/test_batch_invariance.py).
 
 Backend, from MISTRALRS_KERNELS (or by setting `mistralrs.kernels.BACKEND`):
     "auto"       Triton for CUDA tensors; for CPU tensors the CPU implementation where the op has one
