@@ -6,7 +6,8 @@ and its CPU kernel where it has one (kernels/<family>_cpu.py). Tests and benchma
     rms_norm, rotary_embedding       tests/test_rowwise.py (no benchmark of their own: one pass over T x C floats;
                                      tools/profile_engine.py shows their share of a step)
     linear                           tests/test_linear.py, benchmarks/bench_linear.py
-    gguf_matmul, gguf_rows           tests/test_gguf_matmul.py, benchmarks/bench_gguf_matmul.py
+    gguf_matmul                      tests/test_gguf_matmul.py, benchmarks/bench_gguf_matmul.py
+    gguf_rows                        tests/test_gguf_matmul.py (no benchmark: one row of the embedding per token)
     xlora_mix                        tests/test_xlora_mix.py, benchmarks/bench_xlora_mix.py
 A row of every CPU op is computed the same way whatever the other rows (tests/test_batch_invariance.py).
 
